@@ -1,0 +1,198 @@
+"""Fused, chunked LM head + distillation loss: never holds ``[N, V]`` logits.
+
+Student logits ``h_s @ W_s`` and teacher logits ``h_t @ W_t`` are computed one
+chunk of tokens at a time inside a ``lax.scan``; the per-token divergence (or ATKD's
+TKD/DKD) is reduced on the fly. Under differentiation a ``jax.custom_vjp`` computes
+the gradients w.r.t. the student hidden states and head *in the same pass* (no
+recomputation): dh_s chunks ``[C, D]`` and an accumulated dW_s ``[D, V]`` are the
+residuals, so peak memory is O(C*V + D*V) instead of O(N*V). The teacher side is
+stop-gradient (its cotangents are zero).
+
+Public entry: ``fused_loss`` with the same knobs as the unfused functions in
+``gkd_jax.divergences`` and ``gkd_jax.atkd`` (which stay the reference).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from gkd_jax import atkd as at
+from gkd_jax import divergences as dv
+
+LOSSES = dv.DIVERGENCES + ("atkd",)
+_ATKD_PARAMS = ("easy_weight", "hard_fraction", "split", "base")
+
+
+def _logits(h_CxD, w_DxV, cap):
+  z = jnp.dot(h_CxD, w_DxV, preferred_element_type=jnp.float32)
+  return dv.softcap(z, cap)
+
+
+def _chunks(x, n_chunks):
+  return x.reshape((n_chunks, -1) + x.shape[1:])
+
+
+def _scan_terms(terms_fn, xs, n_chunks, grads, ws_DxV, wt_DtxV):
+  """Scan ``terms_fn`` over chunks; returns (loss_sum, metric_sums_K[, dh_s, dW_s])."""
+
+  def chunk_loss(hs, ws, ht, tgt, w, m):
+    comps_CxK = terms_fn(hs, ws, ht, wt_DtxV, tgt)
+    loss = jnp.sum(jnp.where(w > 0, w * comps_CxK, 0.0))
+    msum = jnp.sum(jnp.where(m[:, None] > 0, comps_CxK, 0.0), axis=0)
+    return loss, msum
+
+  def body(carry, x):
+    hs, ht, tgt, w, m = x
+    if grads:
+      loss_acc, msum_acc, dws_acc = carry
+      (loss, msum), (dhs, dws) = jax.value_and_grad(chunk_loss, argnums=(0, 1), has_aux=True)(
+          hs, ws_DxV, ht, tgt, w, m)
+      return (loss_acc + loss, msum_acc + msum, dws_acc + dws), dhs.astype(hs.dtype)
+    loss_acc, msum_acc = carry
+    loss, msum = chunk_loss(hs, ws_DxV, ht, tgt, w, m)
+    return (loss_acc + loss, msum_acc + msum), None
+
+  k = xs[3].shape[-1]
+  init = (jnp.zeros((), jnp.float32), jnp.zeros((k,), jnp.float32))
+  if grads:
+    init += (jnp.zeros(ws_DxV.shape, jnp.float32),)
+  carry, dhs = jax.lax.scan(body, init, tuple(_chunks(x, n_chunks) for x in xs))
+  if grads:
+    return carry[0], carry[1], dhs.reshape(xs[0].shape), carry[2]
+  return carry
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused(terms_fn, n_chunks, hs_NxD, ws_DxV, ht_NxDt, wt_DtxV, tgt_N, w_NxK, m_N):
+  xs = (hs_NxD, ht_NxDt, tgt_N, w_NxK, m_N)
+  return _scan_terms(terms_fn, xs, n_chunks, False, ws_DxV, wt_DtxV)
+
+
+def _fused_fwd(terms_fn, n_chunks, hs_NxD, ws_DxV, ht_NxDt, wt_DtxV, tgt_N, w_NxK, m_N):
+  xs = (hs_NxD, ht_NxDt, tgt_N, w_NxK, m_N)
+  loss, msum, dhs, dws = _scan_terms(terms_fn, xs, n_chunks, True, ws_DxV, wt_DtxV)
+  zeros = (jnp.zeros_like(ht_NxDt), jnp.zeros_like(wt_DtxV), None, jnp.zeros_like(w_NxK),
+           jnp.zeros_like(m_N))
+  return (loss, msum), (dhs, dws.astype(ws_DxV.dtype), zeros)
+
+
+def _fused_bwd(terms_fn, n_chunks, res, cot):
+  dhs, dws, zeros = res
+  g = cot[0]  # metric sums are reported, not differentiated
+  return ((g * dhs).astype(dhs.dtype), (g * dws).astype(dws.dtype)) + zeros
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def _check(hs, ws, ht, wt, mask, targets, loss, params, chunk_size):
+  if loss not in LOSSES:
+    raise ValueError(f"unknown loss {loss!r}; allowed: {', '.join(LOSSES)}")
+  if hs.ndim < 2 or ht.ndim < 2:
+    raise ValueError("student_hidden and teacher_hidden must be [..., D]")
+  if hs.shape[:-1] != ht.shape[:-1] or tuple(mask.shape) != tuple(hs.shape[:-1]):
+    raise ValueError(f"student_hidden {tuple(hs.shape)}, teacher_hidden {tuple(ht.shape)} and "
+                     f"mask {tuple(mask.shape)} must share the token axes [...]")
+  if ws.ndim != 2 or wt.ndim != 2 or ws.shape[0] != hs.shape[-1] or wt.shape[0] != ht.shape[-1]:
+    raise ValueError(f"student_head must be [D={hs.shape[-1]}, V] and teacher_head "
+                     f"[Dt={ht.shape[-1]}, V], got {tuple(ws.shape)} and {tuple(wt.shape)}")
+  if ws.shape[1] != wt.shape[1]:
+    raise ValueError(f"student_head and teacher_head vocab sizes differ: "
+                     f"{ws.shape[1]} vs {wt.shape[1]}")
+  if not (isinstance(chunk_size, int) and chunk_size >= 1):
+    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+  if loss == "atkd":
+    if targets is None:
+      raise ValueError("loss 'atkd' needs targets (the next token of each position)")
+    if tuple(targets.shape) != tuple(mask.shape):
+      raise ValueError(f"targets must have shape {tuple(mask.shape)}, got {tuple(targets.shape)}")
+    unknown = sorted(set(params) - set(_ATKD_PARAMS))
+    if unknown:
+      raise ValueError(f"loss 'atkd' got unknown parameter(s) {unknown}; "
+                       f"allowed: {list(_ATKD_PARAMS)}")
+
+
+def fused_loss(student_hidden, student_head, teacher_hidden, teacher_head, mask,
+               targets=None, *, loss="fkl", temperature=1.0, vocab_size=None,
+               reduction="token", student_softcap=None, teacher_softcap=None,
+               chunk_size=1024, **params):
+  """Chunked head + loss. Returns ``(loss, aux)`` equal to the unfused path.
+
+  Args:
+    student_hidden: ``[..., D]`` final student hidden states (e.g. ``[B, T, D]``).
+    student_head: ``[D, V]`` student unembedding. Gradients flow to these two only.
+    teacher_hidden, teacher_head: ``[..., Dt]`` and ``[Dt, V]`` (stop-gradient).
+    mask: ``[...]`` 1 for tokens that count.
+    targets: ``[...]`` int next-token ids; needed for ``loss="atkd"``.
+    loss: a divergence name (``gkd_jax.divergences.DIVERGENCES``) or "atkd".
+    reduction: "token" or "sequence" (divergences; ATKD has its own weighting).
+    student_softcap, teacher_softcap: optional logit soft-capping before temperature.
+    chunk_size: tokens per chunk; peak memory ~ chunk_size * V floats per buffer.
+    **params: beta / alpha for divergences; easy_weight, hard_fraction, split,
+      base for ATKD.
+
+  aux: divergences -> ``{"sum", "count"}`` (as ``masked_mean``); ATKD -> the
+  metrics of ``atkd.atkd_loss``.
+  """
+  _check(student_hidden, student_head, teacher_hidden, teacher_head, mask, targets, loss,
+         params, chunk_size)
+  temperature = dv.check_temperature(temperature)
+  dv.check_vocab_size(vocab_size, student_head.shape[1])
+  teacher_hidden = jax.lax.stop_gradient(teacher_hidden)
+  teacher_head = jax.lax.stop_gradient(teacher_head)
+  tok_shape = mask.shape
+  n = mask.size
+  chunk = min(chunk_size, n)
+  n_chunks = -(-n // chunk)
+  pad = n_chunks * chunk - n
+  flat = lambda x: jnp.pad(x.reshape((n,) + x.shape[len(tok_shape):]),
+                           [(0, pad)] + [(0, 0)] * (x.ndim - len(tok_shape)))
+  hs, ht = flat(student_hidden), flat(teacher_hidden)
+  tgt = flat(jnp.zeros(tok_shape, jnp.int32) if targets is None else targets.astype(jnp.int32))
+  lp = functools.partial(dv.log_probs, temperature=temperature, vocab_size=vocab_size)
+
+  if loss != "atkd":
+    div = dv.get_divergence(loss, temperature=temperature, vocab_size=vocab_size, **params)
+    w, count = dv.reduction_weights(mask, reduction)
+
+    def terms_fn(hs_c, ws, ht_c, wt, tgt_c):
+      del tgt_c
+      return div(_logits(hs_c, ws, student_softcap), _logits(ht_c, wt, teacher_softcap))[:, None]
+
+    total, _ = _fused(terms_fn, n_chunks, hs, student_head, ht, teacher_head, tgt,
+                      flat(w)[:, None],
+                      jnp.zeros((n + pad,), jnp.float32))
+    return total / jnp.maximum(count, 1.0), {"sum": total, "count": count}
+
+  p = {"easy_weight": 0.2, "hard_fraction": 0.5, "split": "sequence", "base": "fkl", **params}
+  at.check_params(**p)
+  if p["split"] == "sequence" and mask.ndim != 2:
+    raise ValueError(f"split 'sequence' needs [B, T] inputs, got mask shape {tuple(mask.shape)}")
+
+  def teacher_u(_, x):  # pre-pass: the teacher's uncertainty decides the weights
+    ht_c, tgt_c = x
+    lt = lp(_logits(ht_c, teacher_head, teacher_softcap))
+    return None, -jnp.expm1(jnp.take_along_axis(lt, tgt_c[:, None], axis=-1)[:, 0])
+
+  _, u = jax.lax.scan(teacher_u, None, (_chunks(ht, n_chunks), _chunks(tgt, n_chunks)))
+  u = jax.lax.stop_gradient(u.reshape(-1)[:n].reshape(tok_shape))
+  w_tkd, w_dkd, hard = at.atkd_weights(u, mask, easy_weight=p["easy_weight"],
+                                       hard_fraction=p["hard_fraction"], split=p["split"])
+
+  def terms_fn(hs_c, ws, ht_c, wt, tgt_c):
+    parts = at.decompose_log_probs(lp(_logits(hs_c, ws, student_softcap)),
+                                   lp(_logits(ht_c, wt, teacher_softcap)),
+                                   tgt_c, p["base"])
+    return jnp.stack([parts["tkd"], parts["dkd"]], axis=-1)
+
+  weights = jnp.stack([flat(w_tkd), flat(w_dkd)], axis=-1)
+  total, msum = _fused(terms_fn, n_chunks, hs, student_head, ht, teacher_head, tgt, weights,
+                       flat(mask.astype(jnp.float32)))
+  m = mask.astype(jnp.float32)
+  nv = jnp.maximum(jnp.sum(m), 1.0)
+  aux = {"hard_fraction": jnp.sum(hard) / nv, "tkd": msum[0] / nv, "dkd": msum[1] / nv,
+         "uncertainty": jnp.sum(jnp.where(m > 0, u * m, 0.0)) / nv}
+  return total, aux
