@@ -1,0 +1,207 @@
+"""Batched sampling with a KV cache: prefill once, then a ``lax.scan`` decode loop.
+
+Padding side: ``prompt_tokens [B, P]`` are RIGHT-padded (row b holds its prompt in
+``[:prompt_lengths[b]]``, the layout data pipelines produce). For decoder-only
+models the sampler left-aligns them internally so all rows share one cache slot
+index; encoder-decoder models take the prompt as encoder input.
+
+The jitted core takes the model's parameters as arguments (``nnx.split``), so a
+new set of student weights of the same shapes reuses the compiled program. Every
+sampling knob is static: change one, and that call compiles once.
+
+Rows that emit an EOS keep emitting ``pad_id`` and are masked; the EOS itself is
+part of the output and of the mask (so a student learns to stop).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+_NEG = -1e30
+
+
+class Samples(NamedTuple):
+  """tokens ``[B, N]`` int32 (pad after EOS); mask ``[B, N]`` bool (valid generated
+  tokens, EOS included); lengths ``[B]`` int32 (= mask.sum(1)); logprobs ``[B, N]``
+  float32: log-prob of each chosen token under the sampling distribution (after
+  temperature, top-k and top-p; for greedy, under the model's own softmax), 0 where
+  masked."""
+  tokens: jax.Array
+  mask: jax.Array
+  lengths: jax.Array
+  logprobs: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+  max_new_tokens: int
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  eos_ids: tuple[int, ...] = ()
+  pad_id: int = 0
+
+  def __post_init__(self):
+    if not isinstance(self.max_new_tokens, (int, np.integer)) or self.max_new_tokens <= 0:
+      raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+    if not self.temperature >= 0:
+      raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+    if not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
+      raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+
+def is_encoder_decoder(model) -> bool:
+  return hasattr(model, "decode_with_cache")
+
+
+def filter_logits(logits_BxV, top_k: int = 0, top_p: float = 1.0):
+  """Sets logits outside the top-k / top-p (nucleus) sets to a large negative value.
+
+  top-p keeps the smallest prefix of tokens (by probability) whose mass reaches
+  top_p; ties with the last kept logit are kept too.
+  """
+  if top_k and top_k < logits_BxV.shape[-1]:
+    kth = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV < kth, _NEG, logits_BxV)
+  if top_p < 1.0:
+    sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_BxV, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = mass_before < top_p  # always keeps the first
+    last_kept = jnp.min(jnp.where(keep, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+    logits_BxV = jnp.where(logits_BxV < last_kept, _NEG, logits_BxV)
+  return logits_BxV
+
+
+def choose(logits_BxV, key, cfg: SampleConfig):
+  """One token per row -> (token_B int32, logprob_B float32)."""
+  logits_BxV = logits_BxV.astype(jnp.float32)
+  if cfg.temperature == 0:
+    tok = jnp.argmax(logits_BxV, axis=-1)
+    logp = jax.nn.log_softmax(logits_BxV, axis=-1)
+  else:
+    logp = jax.nn.log_softmax(filter_logits(logits_BxV / cfg.temperature, cfg.top_k, cfg.top_p))
+    tok = jax.random.categorical(key, logp, axis=-1)
+  return tok.astype(jnp.int32), jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
+
+
+def left_align(tokens_BxP, lengths_B, pad_id=0):
+  """Right-padded -> left-padded: returns (tokens_BxP, mask_BxP)."""
+  p = tokens_BxP.shape[1]
+  src = jnp.arange(p)[None, :] - (p - lengths_B[:, None])
+  mask = src >= 0
+  out = jnp.take_along_axis(tokens_BxP, jnp.clip(src, 0, p - 1), axis=1)
+  return jnp.where(mask, out, pad_id), mask
+
+
+def _decode_loop(step_fn, first_logits_BxV, carry, rng, cfg: SampleConfig):
+  """Shared loop: choose from logits, feed the token back. step_fn(carry, tok, valid)."""
+  eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
+  b = first_logits_BxV.shape[0]
+
+  def emit(logits, done, i):
+    tok, logp = choose(logits, jax.random.fold_in(rng, i), cfg)
+    valid = ~done
+    tok = jnp.where(valid, tok, cfg.pad_id)
+    done = done | (valid & jnp.isin(tok, eos))
+    return tok, jnp.where(valid, logp, 0.0), valid, done
+
+  tok0, lp0, v0, done0 = emit(first_logits_BxV, jnp.zeros((b,), bool), 0)
+
+  def body(state, i):
+    carry, tok, done = state
+    logits, carry = step_fn(carry, tok, ~done)
+    tok, logp, valid, done = emit(logits, done, i)
+    return (carry, tok, done), (tok, logp, valid)
+
+  steps = jnp.arange(1, cfg.max_new_tokens)
+  _, (toks, logps, valids) = jax.lax.scan(body, (carry, tok0, done0), steps)
+  toks = jnp.concatenate([tok0[None], toks], 0).T
+  logps = jnp.concatenate([lp0[None], logps], 0).T
+  mask = jnp.concatenate([v0[None], valids], 0).T
+  return Samples(toks, mask, mask.sum(1).astype(jnp.int32), logps)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
+def _sample(graphdef, state, prompt_BxP, lengths_B, rng, cfg: SampleConfig):
+  model = nnx.merge(graphdef, state)
+  b, p = prompt_BxP.shape
+  if is_encoder_decoder(model):
+    enc_mask = jnp.arange(p)[None, :] < lengths_B[:, None]
+    enc = model.encode(prompt_BxP, enc_mask)
+    cache = model.init_cache(b, cfg.max_new_tokens)
+    start = jnp.full((b, 1), model.cfg.decoder_start_id, jnp.int32)
+    logits, cache = model.decode_with_cache(start, enc, enc_mask, cache)
+
+    def step(cache, tok_B, valid_B):
+      del valid_B  # decoder self-attention is causal; rows after EOS are masked outputs
+      logits, cache = model.decode_with_cache(tok_B[:, None], enc, enc_mask, cache)
+      return logits[:, -1], cache
+  else:
+    tokens, mask = left_align(prompt_BxP, lengths_B, cfg.pad_id)
+    cache = model.init_cache(b, p + cfg.max_new_tokens)
+    logits, cache = model.forward_with_cache(tokens, cache, mask_BxT=mask)
+
+    def step(cache, tok_B, valid_B):
+      logits, cache = model.forward_with_cache(tok_B[:, None], cache, mask_BxT=valid_B[:, None])
+      return logits[:, -1], cache
+  return _decode_loop(step, logits[:, -1], cache, rng, cfg)
+
+
+def _context_len(model) -> int:
+  cfg = model.cfg
+  return cfg.max_decode_len if is_encoder_decoder(model) else cfg.max_seq_len
+
+
+def check_prompts(model, prompt_tokens, prompt_lengths, max_new_tokens):
+  """Shape and length checks on the host, before anything compiles."""
+  if prompt_tokens.ndim != 2:
+    raise ValueError(f"prompt_tokens must be [B, P], got shape {tuple(prompt_tokens.shape)}")
+  b, p = prompt_tokens.shape
+  if tuple(prompt_lengths.shape) != (b,):
+    raise ValueError(f"prompt_lengths must be [B={b}], got shape {tuple(prompt_lengths.shape)}")
+  if not isinstance(prompt_lengths, jax.core.Tracer):
+    lens = np.asarray(prompt_lengths)
+    if lens.min() < 1 or lens.max() > p:
+      raise ValueError(f"prompt_lengths must be in [1, P={p}], got min {lens.min()} "
+                       f"max {lens.max()}")
+  need = max_new_tokens if is_encoder_decoder(model) else p + max_new_tokens
+  if need > _context_len(model):
+    what = "max_new_tokens" if is_encoder_decoder(model) else "prompt length + max_new_tokens"
+    raise ValueError(f"{what} = {need} exceeds the model's context of {_context_len(model)} "
+                     "tokens (cfg.max_seq_len / cfg.max_decode_len)")
+
+
+def sample(model, prompt_tokens, prompt_lengths, *, rng, max_new_tokens, temperature=1.0,
+           top_k=0, top_p=1.0, eos_ids=None, pad_id=0) -> Samples:
+  """Samples ``max_new_tokens`` continuations for a batch of right-padded prompts.
+
+  Args:
+    model: a decoder-only (``forward_with_cache``) or encoder-decoder
+      (``decode_with_cache``) model from ``gkd_jax.models``.
+    prompt_tokens: ``[B, P]`` int, right-padded; prompt_lengths ``[B]`` int in [1, P].
+    rng: a PRNG key; step i uses ``fold_in(rng, i)``.
+    temperature: 0 = greedy; top_k 0 = off; top_p 1 = off.
+    eos_ids: int or iterable of ints; None = never stop early.
+  Returns: ``Samples`` (tokens, mask, lengths, logprobs), each ``[B, max_new_tokens]``
+  (lengths ``[B]``).
+  """
+  if isinstance(eos_ids, (int, np.integer)):
+    eos_ids = (int(eos_ids),)
+  cfg = SampleConfig(max_new_tokens, float(temperature), top_k, float(top_p),
+                     tuple(int(e) for e in (eos_ids or ())), int(pad_id))
+  prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
+  prompt_lengths_arr = jnp.asarray(prompt_lengths, jnp.int32)
+  check_prompts(model, prompt_tokens, prompt_lengths if isinstance(prompt_lengths, jax.core.Tracer)
+                else np.asarray(prompt_lengths), max_new_tokens)
+  graphdef, state = nnx.split(model)
+  return _sample(graphdef, state, prompt_tokens, prompt_lengths_arr, rng, cfg)
