@@ -82,6 +82,17 @@ def filter_logits(logits_BxV, top_k: int = 0, top_p: float = 1.0):
   return logits_BxV
 
 
+def inverse_cdf_sample(key, logp_BxV):
+  """Exact categorical draw with one uniform per row (Gumbel-max needs V of them).
+
+  Token i is chosen when cdf[i-1] <= u < cdf[i], u ~ U[0, cdf[-1]); zero-probability
+  tokens can never be chosen.
+  """
+  cdf_BxV = jnp.cumsum(jnp.exp(logp_BxV), axis=-1)
+  u_Bx1 = jax.random.uniform(key, (logp_BxV.shape[0], 1)) * cdf_BxV[:, -1:]
+  return jnp.minimum(jnp.sum(cdf_BxV <= u_Bx1, axis=-1), logp_BxV.shape[-1] - 1)
+
+
 def choose(logits_BxV, key, cfg: SampleConfig):
   """One token per row -> (token_B int32, logprob_B float32)."""
   logits_BxV = logits_BxV.astype(jnp.float32)
@@ -90,7 +101,7 @@ def choose(logits_BxV, key, cfg: SampleConfig):
     logp = jax.nn.log_softmax(logits_BxV, axis=-1)
   else:
     logp = jax.nn.log_softmax(filter_logits(logits_BxV / cfg.temperature, cfg.top_k, cfg.top_p))
-    tok = jax.random.categorical(key, logp, axis=-1)
+    tok = inverse_cdf_sample(key, logp)
   return tok.astype(jnp.int32), jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
 
 

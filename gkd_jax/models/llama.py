@@ -224,8 +224,9 @@ class Block(nnx.Module):
     """Returns (x_BxTxD, (k, v)).
 
     kv=None: keys are this call's T tokens; returns this call's k, v [B,T,K,Dh].
-    kv=(k_BxSxKxDh, v_BxSxKxDh): writes the T new keys/values at slots
-    [index, index+T) and attends over the whole cache; returns the updated cache.
+    kv=(k_LxBxSxKxDh, v_LxBxSxKxDh, layer): writes the T new keys/values of this
+    layer at slots [index, index+T) of the full cache, in place, and attends over
+    the layer's slots; returns the updated full cache.
     """
     cfg, dt = self.cfg, x_BxTxD.dtype
     h_BxTxD = rms_norm(x_BxTxD, self.attn_norm[...], cfg.rms_eps)
@@ -237,10 +238,11 @@ class Block(nnx.Module):
     q = apply_rope(q, positions_BxT, inv_freq)
     k = apply_rope(k, positions_BxT, inv_freq)
     if kv is not None:
-      k_cache, v_cache = kv
-      start = (0, index, 0, 0)
-      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
-      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+      k_cache, v_cache, layer = kv
+      start = (layer, 0, index, 0, 0)
+      k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype)[None], start)
+      v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype)[None], start)
+      k, v = k_cache[layer], v_cache[layer]
     out_BxTxHxDh = gqa_attention(q, k.astype(dt), v.astype(dt), mask_BxTxS)
     x_BxTxD = x_BxTxD + jnp.einsum("bthk,hkd->btd", out_BxTxHxDh, self.wo[...].astype(dt))
 
@@ -249,7 +251,7 @@ class Block(nnx.Module):
     up_BxTxF = jnp.einsum("btd,df->btf", h_BxTxD, self.w_up[...].astype(dt))
     x_BxTxD = x_BxTxD + jnp.einsum("btf,fd->btd", jax.nn.silu(gate_BxTxF) * up_BxTxF,
                                    self.w_down[...].astype(dt))
-    return x_BxTxD, (k, v)
+    return x_BxTxD, ((k_cache, v_cache) if kv is not None else (k, v))
 
 
 def _run_block(graphdef, state, x, positions, mask, inv_freq, kv, index):
@@ -368,22 +370,21 @@ class Llama(nnx.Module):
     if cfg.scan_layers:
       graphdef, state = nnx.split(self.layers)
 
-      def body(x, xs):
-        st, kc, vc = xs
+      def body(carry, xs):  # the full cache rides in the carry: updated in place
+        x, kc, vc = carry
+        st, layer = xs
         x, kv = run(graphdef, st, x, positions_BxT, mask_BxTxS, inv_freq,
-                    (kc, vc) if has_cache else None, index)
-        return x, (kv if has_cache else None)
+                    (kc, vc, layer) if has_cache else None, index)
+        return ((x,) + (kv if has_cache else (None, None))), None
 
-      x_BxTxD, kv = jax.lax.scan(body, x_BxTxD, (state, k_cache, v_cache))
-      return x_BxTxD, (kv if has_cache else (None, None))
+      (x_BxTxD, k_cache, v_cache), _ = jax.lax.scan(
+          body, (x_BxTxD, k_cache, v_cache), (state, jnp.arange(cfg.n_layers)))
+      return x_BxTxD, (k_cache, v_cache)
 
-    ks, vs = [], []
     for i, block in enumerate(self.layers):
       graphdef, state = nnx.split(block)
-      kv = (k_cache[i], v_cache[i]) if has_cache else None
+      kv = (k_cache, v_cache, i) if has_cache else None
       x_BxTxD, (k, v) = run(graphdef, state, x_BxTxD, positions_BxT, mask_BxTxS, inv_freq, kv, index)
-      ks.append(k)
-      vs.append(v)
-    if not has_cache:
-      return x_BxTxD, (None, None)
-    return x_BxTxD, (jnp.stack(ks), jnp.stack(vs))
+      if has_cache:
+        k_cache, v_cache = k, v
+    return x_BxTxD, (k_cache, v_cache)

@@ -1,0 +1,206 @@
+"""Sampler: greedy vs no-cache references and transformers, distribution tests, recompiles."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+from flax import nnx
+
+from gkd_jax import sampling
+from gkd_jax.models.llama import Llama, LlamaConfig
+from gkd_jax.models.t5 import T5, T5Config
+from gkd_jax.sampling import sample
+
+CFG = LlamaConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                  mlp_dim=64, max_seq_len=48)
+PROMPTS = np.array([[5, 6, 7, 8, 0, 0, 0], [9, 10, 11, 12, 13, 14, 15], [3, 0, 0, 0, 0, 0, 0]])
+LENS = np.array([4, 7, 1])
+
+
+@pytest.fixture(scope="module")
+def llama():
+  return Llama(CFG, rngs=nnx.Rngs(0))
+
+
+def _greedy_reference(model, prompt, n):
+  """argmax of a full, cache-free forward at every step."""
+  seq = list(prompt)
+  for _ in range(n):
+    seq.append(int(jnp.argmax(model(jnp.array([seq]))[0, -1])))
+  return seq[len(prompt):]
+
+
+def test_greedy_equals_no_cache_reference(llama):
+  out = sample(llama, PROMPTS, LENS, rng=jax.random.PRNGKey(0), max_new_tokens=10,
+               temperature=0)
+  for b in range(3):
+    assert np.asarray(out.tokens[b]).tolist() == _greedy_reference(llama, PROMPTS[b, :LENS[b]], 10)
+  assert out.tokens.shape == (3, 10) and bool(out.mask.all()) and out.lengths.tolist() == [10] * 3
+
+
+def test_mixed_lengths_batch_equals_each_prompt_alone(llama):
+  both = sample(llama, PROMPTS, LENS, rng=jax.random.PRNGKey(0), max_new_tokens=8, temperature=0)
+  for b in range(3):
+    alone = sample(llama, PROMPTS[b:b + 1, :LENS[b]], LENS[b:b + 1], rng=jax.random.PRNGKey(0),
+                   max_new_tokens=8, temperature=0)
+    np.testing.assert_array_equal(both.tokens[b], alone.tokens[0])
+    np.testing.assert_allclose(both.logprobs[b], alone.logprobs[0], atol=1e-5)
+
+
+def test_eos_stays_and_rows_after_it_are_padded_and_masked(llama):
+  greedy = sample(llama, PROMPTS, LENS, rng=jax.random.PRNGKey(0), max_new_tokens=10,
+                  temperature=0)
+  eos = int(greedy.tokens[0, 3])  # make row 0's 4th greedy token the EOS
+  out = sample(llama, PROMPTS, LENS, rng=jax.random.PRNGKey(0), max_new_tokens=10,
+               temperature=0, eos_ids=[eos], pad_id=60)
+  for b in range(3):
+    row = np.asarray(greedy.tokens[b]).tolist()
+    n = row.index(eos) + 1 if eos in row else 10
+    assert int(out.lengths[b]) == n
+    assert np.asarray(out.tokens[b, :n]).tolist() == row[:n]  # EOS kept, in the mask
+    assert np.asarray(out.mask[b]).tolist() == [True] * n + [False] * (10 - n)
+    assert np.all(np.asarray(out.tokens[b, n:]) == 60)
+    assert np.all(np.asarray(out.logprobs[b, n:]) == 0)
+  assert int(out.lengths[0]) == 4
+
+
+def _first_token_draws(model, n, **kw):
+  prompts = np.tile(PROMPTS[1:2], (n, 1))
+  out = sample(model, prompts, np.full((n,), 7), rng=jax.random.PRNGKey(1), max_new_tokens=1,
+               **kw)
+  return np.asarray(out.tokens[:, 0]), np.asarray(out.logprobs[:, 0])
+
+
+def test_first_token_frequencies_match_softmax_chi_square(llama):
+  temperature, n = 0.03, 6000  # the tiny random model's logits are small: sharpen them
+  toks, logps = _first_token_draws(llama, n, temperature=temperature)
+  logits = np.asarray(llama(jnp.asarray(PROMPTS[1:2]))[0, -1], np.float64) / temperature
+  p = np.exp(logits - logits.max())
+  p /= p.sum()
+  counts = np.bincount(toks, minlength=CFG.vocab_size)
+  assert p.max() > 20 * p.min()  # far from uniform, so the test has power
+  keep = p * n >= 5  # pool rare cells, as the chi-square test wants
+  obs = np.append(counts[keep], counts[~keep].sum())
+  exp = np.append(p[keep], p[~keep].sum()) * n
+  assert scipy.stats.chisquare(obs, exp).pvalue > 1e-3
+  uniform = np.full_like(exp, n / exp.size)
+  assert scipy.stats.chisquare(obs, uniform).pvalue < 1e-6  # a wrong sampler fails
+  np.testing.assert_allclose(logps, np.log(p[toks]), atol=1e-4)  # reported log-probs
+
+
+def test_top_k_and_top_p_never_emit_excluded_tokens(llama):
+  logits = np.asarray(llama(jnp.asarray(PROMPTS[1:2]))[0, -1], np.float64)
+  order = np.argsort(-logits)
+  toks, _ = _first_token_draws(llama, 2000, top_k=5)
+  assert set(toks) <= set(order[:5]) and len(set(toks)) > 1
+  p = np.exp(logits - logits.max())
+  p /= p.sum()
+  nucleus = order[: np.searchsorted(np.cumsum(p[order]), 0.5) + 1]
+  toks, logps = _first_token_draws(llama, 2000, top_p=0.5)
+  assert set(toks) <= set(nucleus)
+  renorm = p[nucleus] / p[nucleus].sum()
+  want = dict(zip(nucleus.tolist(), renorm))
+  np.testing.assert_allclose(np.exp(logps), [want[t] for t in toks], rtol=1e-3)
+
+
+def test_filter_logits_reference():
+  r = np.random.default_rng(0)
+  logits = r.standard_normal((4, 30)).astype(np.float32)
+  out = np.asarray(sampling.filter_logits(jnp.asarray(logits), top_k=3, top_p=1.0))
+  for row, o in zip(logits, out):
+    assert set(np.flatnonzero(o > -1e29)) == set(np.argsort(-row)[:3])
+  out = np.asarray(sampling.filter_logits(jnp.asarray(logits), top_k=0, top_p=0.8))
+  for row, o in zip(logits, out):
+    p = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
+    order = np.argsort(-p)
+    k = np.searchsorted(np.cumsum(p[order]), 0.8) + 1
+    assert set(np.flatnonzero(o > -1e29)) == set(order[:k])
+
+
+def test_new_params_do_not_recompile(llama):
+  other = Llama(CFG, rngs=nnx.Rngs(1))
+  kw = dict(rng=jax.random.PRNGKey(0), max_new_tokens=5, temperature=1.0)
+  sample(llama, PROMPTS, LENS, **kw)
+  before = sampling._sample._cache_size()
+  a = sample(other, PROMPTS, LENS, **kw)
+  b = sample(llama, PROMPTS, np.array([3, 5, 1]), **kw)
+  assert sampling._sample._cache_size() == before
+  assert not np.array_equal(a.tokens, b.tokens)
+
+
+def test_t5_greedy_matches_transformers_generate():
+  torch = pytest.importorskip("torch")
+  import transformers
+  from gkd_jax.models import convert_t5
+  torch.manual_seed(0)
+  hf_cfg = transformers.T5Config(vocab_size=50, d_model=32, d_kv=8, num_heads=4, d_ff=64,
+                                 num_layers=2, num_decoder_layers=2, feed_forward_proj="gated-gelu",
+                                 tie_word_embeddings=False, decoder_start_token_id=0,
+                                 pad_token_id=0, eos_token_id=1)
+  hf = transformers.T5ForConditionalGeneration(hf_cfg).eval()
+  state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+  cfg = convert_t5.config_from_hf(hf_cfg.to_dict())
+  model = convert_t5.from_hf_state_dict(cfg, state)
+  enc = np.array([[5, 6, 7, 8, 9], [10, 11, 12, 0, 0]])
+  lens = np.array([5, 3])
+  out = sample(model, enc, lens, rng=jax.random.PRNGKey(0), max_new_tokens=12, temperature=0)
+  for b in range(2):
+    with torch.no_grad():
+      ref = hf.generate(torch.tensor(enc[b:b + 1, :lens[b]]), max_new_tokens=12,
+                        do_sample=False, num_beams=1, eos_token_id=None)[0, 1:].numpy()
+    np.testing.assert_array_equal(np.asarray(out.tokens[b]), ref)
+
+
+def test_t5_eos_masks_rest():
+  model = T5(T5Config(vocab_size=20, d_model=16, d_kv=4, n_heads=2, d_ff=32, n_encoder_layers=1,
+                      n_decoder_layers=1, max_decode_len=16), rngs=nnx.Rngs(0))
+  enc = np.array([[3, 4, 5], [6, 7, 0]])
+  g = sample(model, enc, np.array([3, 2]), rng=jax.random.PRNGKey(0), max_new_tokens=6,
+             temperature=0)
+  eos = int(g.tokens[0, 1])
+  out = sample(model, enc, np.array([3, 2]), rng=jax.random.PRNGKey(0), max_new_tokens=6,
+               temperature=0, eos_ids=eos)
+  for b in range(2):
+    row = np.asarray(g.tokens[b]).tolist()
+    n = row.index(eos) + 1 if eos in row else 6
+    assert int(out.lengths[b]) == n and not bool(out.mask[b, n:].any())
+    assert np.asarray(out.tokens[b, :n]).tolist() == row[:n]
+
+
+def test_sampling_under_a_mesh_matches_single_device(llama):
+  from gkd_jax import sharding
+  mesh = sharding.make_mesh({"data": 4, "fsdp": 1, "model": 2})
+  with jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else mesh:
+    sharded = sharding.shard_model(Llama(CFG, rngs=nnx.Rngs(0)), mesh)
+    prompts = np.tile(PROMPTS, (4, 1))[:8]
+    lens = np.tile(LENS, 4)[:8]
+    batch = sharding.shard_batch({"p": jnp.asarray(prompts), "l": jnp.asarray(lens)}, mesh)
+    out = sample(sharded, batch["p"], batch["l"], rng=jax.random.PRNGKey(0), max_new_tokens=6,
+                 temperature=0)
+  ref = sample(llama, prompts, lens, rng=jax.random.PRNGKey(0), max_new_tokens=6, temperature=0)
+  np.testing.assert_array_equal(out.tokens, ref.tokens)
+  assert out.tokens.sharding.spec[0] is not None  # batch stays sharded on the data axis
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"max_new_tokens": 42}, "exceeds the model's context of 48"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -1}, "top_k"),
+    ({"temperature": -0.5}, "temperature"),
+])
+def test_bad_input(llama, kw, match):
+  args = {"rng": jax.random.PRNGKey(0), "max_new_tokens": 4, **kw}
+  with pytest.raises(ValueError, match=match):
+    sample(llama, PROMPTS, LENS, **args)
+
+
+def test_bad_prompt_shapes(llama):
+  with pytest.raises(ValueError, match="prompt_lengths must be in"):
+    sample(llama, PROMPTS, np.array([4, 8, 1]), rng=jax.random.PRNGKey(0), max_new_tokens=2)
+  with pytest.raises(ValueError, match=r"prompt_lengths must be \[B=3\]"):
+    sample(llama, PROMPTS, LENS[:2], rng=jax.random.PRNGKey(0), max_new_tokens=2)
+  with pytest.raises(ValueError, match=r"prompt_tokens must be \[B, P\]"):
+    sample(llama, PROMPTS[0], LENS, rng=jax.random.PRNGKey(0), max_new_tokens=2)
