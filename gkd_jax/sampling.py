@@ -216,3 +216,110 @@ def sample(model, prompt_tokens, prompt_lengths, *, rng, max_new_tokens, tempera
                 else np.asarray(prompt_lengths), max_new_tokens)
   graphdef, state = nnx.split(model)
   return _sample(graphdef, state, prompt_tokens, prompt_lengths_arr, rng, cfg)
+
+
+# ----------------------------------------------------------------------------- beam search
+class Beams(NamedTuple):
+  """tokens ``[B, N]`` (pad after EOS), lengths ``[B]`` (EOS included), scores ``[B]``:
+  the best hypothesis per row, score = sum of log-probs / length ** length_penalty."""
+  tokens: jax.Array
+  lengths: jax.Array
+  scores: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamConfig:
+  beam_size: int
+  max_new_tokens: int
+  length_penalty: float = 1.0
+  eos_ids: tuple[int, ...] = ()
+  pad_id: int = 0
+
+  def __post_init__(self):
+    if not isinstance(self.beam_size, (int, np.integer)) or self.beam_size < 1:
+      raise ValueError(f"beam_size must be a positive int, got {self.beam_size!r}")
+    SampleConfig(self.max_new_tokens)  # same checks
+
+
+def _cache_take(cache, rows):
+  """Reorders the batch rows of a model cache (k/v: axis 1, kv_mask: axis 0)."""
+  out = dict(cache)
+  for name in ("k", "v"):
+    out[name] = jnp.take(cache[name], rows, axis=1)
+  if "kv_mask" in cache:
+    out["kv_mask"] = jnp.take(cache["kv_mask"], rows, axis=0)
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
+def _beam(graphdef, state, prompt_BxP, lengths_B, cfg: BeamConfig):
+  model = nnx.merge(graphdef, state)
+  b, p = prompt_BxP.shape
+  k, n = cfg.beam_size, cfg.max_new_tokens
+  rep = lambda x: jnp.repeat(x, k, axis=0)
+  if is_encoder_decoder(model):
+    enc_mask = rep(jnp.arange(p)[None, :] < lengths_B[:, None])
+    enc = model.encode(rep(prompt_BxP), enc_mask)
+    cache = model.init_cache(b * k, n + 1)
+    start = jnp.full((b * k, 1), model.cfg.decoder_start_id, jnp.int32)
+    logits, cache = model.decode_with_cache(start, enc, enc_mask, cache)
+    step = lambda tok, cache: model.decode_with_cache(tok[:, None], enc, enc_mask, cache)
+  else:
+    tokens, mask = left_align(prompt_BxP, lengths_B, cfg.pad_id)
+    cache = model.init_cache(b * k, p + n)
+    logits, cache = model.forward_with_cache(rep(tokens), cache, mask_BxT=rep(mask))
+    step = lambda tok, cache: model.forward_with_cache(tok[:, None], cache)
+  eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
+  neg = jnp.float32(_NEG)
+  alive_seq = jnp.full((b, k, n), cfg.pad_id, jnp.int32)
+  alive_score = jnp.where(jnp.arange(k) == 0, 0.0, neg)[None].repeat(b, 0)  # one live beam
+  fin_seq, fin_score = alive_seq, jnp.full((b, k), neg)
+
+  def body(carry, i):
+    logits, cache, alive_seq, alive_score, fin_seq, fin_score = carry
+    v = logits.shape[-1]
+    logp = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32)).reshape(b, k, v)
+    cand = (alive_score[:, :, None] + logp).reshape(b, k * v)
+    score, idx = jax.lax.top_k(cand, 2 * k)
+    parent, tok = idx // v, (idx % v).astype(jnp.int32)
+    seq = jnp.take_along_axis(alive_seq, parent[:, :, None], axis=1).at[:, :, i].set(tok)
+    ended = jnp.isin(tok, eos) | (i == n - 1)  # the last step finishes every beam
+    norm = score / ((i + 1.0) ** cfg.length_penalty)
+    all_seq = jnp.concatenate([fin_seq, seq], 1)
+    all_score = jnp.concatenate([fin_score, jnp.where(ended, norm, neg)], 1)
+    fin_score, top = jax.lax.top_k(all_score, k)
+    fin_seq = jnp.take_along_axis(all_seq, top[:, :, None], axis=1)
+    alive_score, top = jax.lax.top_k(jnp.where(ended, neg, score), k)
+    alive_seq = jnp.take_along_axis(seq, top[:, :, None], axis=1)
+    rows = (jnp.take_along_axis(parent, top, axis=1) + jnp.arange(b)[:, None] * k).reshape(-1)
+    logits, cache = step(alive_seq[:, :, i].reshape(-1), _cache_take(cache, rows))
+    return (logits, cache, alive_seq, alive_score, fin_seq, fin_score), None
+
+  carry = (logits[:, -1:], cache, alive_seq, alive_score, fin_seq, fin_score)
+  carry, _ = jax.lax.scan(body, carry, jnp.arange(n))
+  best_seq, best_score = carry[4][:, 0], carry[5][:, 0]
+  is_eos = jnp.isin(best_seq, eos)
+  first = jnp.where(is_eos.any(1), jnp.argmax(is_eos, axis=1) + 1, n)
+  keep = jnp.arange(n)[None] < first[:, None]
+  return Beams(jnp.where(keep, best_seq, cfg.pad_id), first.astype(jnp.int32), best_score)
+
+
+def beam_search(model, prompt_tokens, prompt_lengths, *, beam_size, max_new_tokens,
+                length_penalty=1.0, eos_ids=None, pad_id=0) -> Beams:
+  """Beam search (e.g. for translation eval) on the sampler's cache machinery.
+
+  Keeps ``beam_size`` live and ``beam_size`` finished hypotheses per row; a
+  hypothesis ends at an EOS or after ``max_new_tokens``; finished ones are ranked by
+  sum(log p) / length ** length_penalty (Hugging Face's convention; length counts
+  generated tokens, EOS included). Runs all ``max_new_tokens`` steps (static shapes).
+  Prompts as in ``sample`` (right-padded). Returns ``Beams`` with the best hypothesis.
+  """
+  if isinstance(eos_ids, (int, np.integer)):
+    eos_ids = (int(eos_ids),)
+  cfg = BeamConfig(beam_size, max_new_tokens, float(length_penalty),
+                   tuple(int(e) for e in (eos_ids or ())), int(pad_id))
+  prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
+  check_prompts(model, prompt_tokens, np.asarray(prompt_lengths), max_new_tokens + (
+      1 if is_encoder_decoder(model) else 0))
+  graphdef, state = nnx.split(model)
+  return _beam(graphdef, state, prompt_tokens, jnp.asarray(prompt_lengths, jnp.int32), cfg)

@@ -1,5 +1,7 @@
 """Sampler: greedy vs no-cache references and transformers, distribution tests, recompiles."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -204,3 +206,61 @@ def test_bad_prompt_shapes(llama):
     sample(llama, PROMPTS, LENS[:2], rng=jax.random.PRNGKey(0), max_new_tokens=2)
   with pytest.raises(ValueError, match=r"prompt_tokens must be \[B, P\]"):
     sample(llama, PROMPTS[0], LENS, rng=jax.random.PRNGKey(0), max_new_tokens=2)
+
+
+def _brute_force_best(model, prompt, vocab, n, eos, lp):
+  """Every hypothesis of <= n tokens (EOS only last; shorter ones must end in EOS)."""
+  best = None
+  for length in range(1, n + 1):
+    for seq in itertools.product(range(vocab), repeat=length):
+      if eos in seq[:-1] or (length < n and seq[-1] != eos):
+        continue
+      logp = np.asarray(jax.nn.log_softmax(model(jnp.array([list(prompt) + list(seq)]))[0], -1))
+      score = sum(logp[len(prompt) - 1 + j, t] for j, t in enumerate(seq)) / length ** lp
+      if best is None or score > best[0]:
+        best = (score, seq)
+  return best
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0, 2.0])
+def test_beam_search_equals_exhaustive_search(length_penalty):
+  cfg = LlamaConfig(vocab_size=4, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8,
+                    mlp_dim=32, max_seq_len=16)
+  model = Llama(cfg, rngs=nnx.Rngs(3))
+  model.lm_head[...] = model.lm_head[...] * 60.0  # peaked next-token distributions
+  prompts, lens, n = np.array([[1, 2, 0], [2, 2, 1], [0, 0, 0]]), np.array([2, 3, 1]), 3
+  eos = int(jnp.argmax(model(jnp.array([[1, 2]]))[0, -1]))  # row 0 likes to stop at once
+  # beam 18: 2*18 candidates cover every (alive prefix x token), so beam search is exact.
+  out = sampling.beam_search(model, prompts, lens, beam_size=18, max_new_tokens=n,
+                             length_penalty=length_penalty, eos_ids=eos)
+  ended_early = 0
+  for b in range(3):
+    score, seq = _brute_force_best(model, prompts[b, :lens[b]], 4, n, eos, length_penalty)
+    assert np.asarray(out.tokens[b, :len(seq)]).tolist() == list(seq)
+    assert int(out.lengths[b]) == len(seq)
+    np.testing.assert_allclose(float(out.scores[b]), score, rtol=1e-4, atol=1e-5)
+    ended_early += len(seq) < n
+  if length_penalty == 0.0:
+    assert ended_early  # the EOS path is exercised
+
+
+def test_beam_size_one_is_greedy(llama):
+  greedy = sample(llama, PROMPTS, LENS, rng=jax.random.PRNGKey(0), max_new_tokens=6,
+                  temperature=0)
+  beams = sampling.beam_search(llama, PROMPTS, LENS, beam_size=1, max_new_tokens=6,
+                               length_penalty=0.0)
+  np.testing.assert_array_equal(beams.tokens, greedy.tokens)
+  t5 = T5(T5Config(vocab_size=20, d_model=16, d_kv=4, n_heads=2, d_ff=32, n_encoder_layers=1,
+                   n_decoder_layers=1, max_decode_len=16), rngs=nnx.Rngs(0))
+  enc = np.array([[3, 4, 5], [6, 7, 0]])
+  greedy = sample(t5, enc, np.array([3, 2]), rng=jax.random.PRNGKey(0), max_new_tokens=5,
+                  temperature=0)
+  beams = sampling.beam_search(t5, enc, np.array([3, 2]), beam_size=1, max_new_tokens=5)
+  np.testing.assert_array_equal(beams.tokens, greedy.tokens)
+
+
+def test_beam_bad_input(llama):
+  with pytest.raises(ValueError, match="beam_size"):
+    sampling.beam_search(llama, PROMPTS, LENS, beam_size=0, max_new_tokens=3)
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    sampling.beam_search(llama, PROMPTS, LENS, beam_size=2, max_new_tokens=0)
