@@ -290,3 +290,30 @@ def test_untied_checkpoint_without_lm_head_uses_shared():
     state = {k: v for k, v in hf_state(hf).items() if k != "lm_head.weight"}
     ours = convert_t5.from_hf_state_dict(convert_t5.config_from_hf(hf.config.to_dict()), state)
     np.testing.assert_array_equal(np.asarray(ours.head()), state["shared.weight"].T)
+
+
+def test_load_and_save_hf_dispatch_t5(tmp_path):
+    """gkd_jax.models.load / save_hf on a T5 Hugging Face directory."""
+    import torch
+    import transformers
+
+    from gkd_jax import models
+
+    torch.manual_seed(3)
+    hf_cfg = transformers.T5Config(vocab_size=40, d_model=16, d_kv=4, num_heads=2, d_ff=32,
+                                   num_layers=1, num_decoder_layers=2,
+                                   feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    hf = transformers.T5ForConditionalGeneration(hf_cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    model, tok = models.load(str(tmp_path / "hf"))
+    assert tok is None and model.cfg.n_decoder_layers == 2
+    enc = np.array([[4, 5, 6, 1], [7, 8, 1, 0]])
+    dec = np.array([[0, 3, 9], [0, 2, 2]])
+    want = hf(input_ids=torch.tensor(enc), attention_mask=torch.tensor(enc != 0),
+              decoder_input_ids=torch.tensor(dec)).logits.detach().numpy()
+    np.testing.assert_allclose(np.asarray(model(enc, dec)), want, atol=1e-4)
+    models.save_hf(model, None, str(tmp_path / "out"))
+    back = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+    got = back(input_ids=torch.tensor(enc), attention_mask=torch.tensor(enc != 0),
+               decoder_input_ids=torch.tensor(dec)).logits.detach().numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
