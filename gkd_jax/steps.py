@@ -1,0 +1,287 @@
+"""One training step, as pure functions: sequence views, losses, the optax update.
+
+A *view* is the dict a loss reads; both model kinds provide ``targets [B, T]`` (the
+token each position predicts) and ``loss_mask [B, T]`` (1 where that prediction is
+trained):
+  decoder-only: tokens, mask (1 = real token) -> the logit at t predicts tokens[t+1]
+  encoder-decoder: encoder_tokens, encoder_mask, decoder_tokens (shifted right),
+    decoder_mask -> the logit at t predicts decoder target t
+Every loss returns (sum, count); the trainer divides by the count of the whole
+(global, all micro-batches) batch, so gradient accumulation and data parallelism
+give exactly the full-batch gradient. ATKD's loss is not a sum over tokens: its
+count is the number of micro-batches (exact without accumulation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from gkd_jax import atkd as at
+from gkd_jax import divergences as dv
+from gkd_jax.fused import fused_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+  """Static description of the step's loss (hashable: a jit static argument)."""
+  mode: str = "gkd"  # gkd | sft
+  loss: str = "jsd"
+  beta: float = 0.5
+  alpha: float = 0.1
+  temperature: float = 1.0
+  reduction: str = "token"
+  ce_weight: float = 0.0
+  fused: bool = False
+  chunk_size: int = 1024
+  easy_weight: float = 0.2
+  hard_fraction: float = 0.5
+  atkd_split: str = "sequence"
+  atkd_base: str = "fkl"
+  rl_alpha: float = 1.0  # 1 = no policy gradient
+  token_rkl_reward: bool = False
+
+  @classmethod
+  def from_config(cls, c):
+    return cls(mode=c.mode, loss=c.gkd.loss, beta=float(c.gkd.beta), alpha=float(c.gkd.alpha),
+               temperature=float(c.gkd.loss_temperature), reduction=c.gkd.reduction,
+               ce_weight=float(c.gkd.ce_weight), fused=bool(c.gkd.fused),
+               chunk_size=int(c.gkd.chunk_size), easy_weight=float(c.gkd.easy_weight),
+               hard_fraction=float(c.gkd.hard_fraction), atkd_split=c.gkd.atkd_split,
+               atkd_base=c.gkd.atkd_base, rl_alpha=float(c.rl.alpha),
+               token_rkl_reward=c.rl.reward == "token_rkl")
+
+  def divergence_params(self):
+    if self.loss == "jsd":
+      return {"beta": self.beta}
+    if self.loss in ("skl", "srkl"):
+      return {"alpha": self.alpha}
+    if self.loss == "atkd":
+      return {"easy_weight": self.easy_weight, "hard_fraction": self.hard_fraction,
+              "split": self.atkd_split, "base": self.atkd_base}
+    return {}
+
+
+# ------------------------------------------------------------------------------ views
+def decoder_view(tokens_BxL, mask_BxL, target_mask_BxL, pad_id=0):
+  """Decoder-only view: position t is trained to predict tokens[t+1] where target_mask[t+1]."""
+  b = tokens_BxL.shape[0]
+  pad = jnp.full((b, 1), pad_id, tokens_BxL.dtype)
+  return {"tokens": tokens_BxL, "mask": mask_BxL.astype(jnp.int32),
+          "targets": jnp.concatenate([tokens_BxL[:, 1:], pad], 1),
+          "loss_mask": jnp.concatenate([target_mask_BxL[:, 1:],
+                                        jnp.zeros((b, 1), target_mask_BxL.dtype)], 1
+                                       ).astype(jnp.float32)}
+
+
+def encdec_view(encoder_tokens, encoder_mask, targets_BxT, target_mask_BxT, start_id=0):
+  """Encoder-decoder view: decoder inputs are the targets shifted right after start_id."""
+  b = targets_BxT.shape[0]
+  start = jnp.full((b, 1), start_id, targets_BxT.dtype)
+  return {"encoder_tokens": encoder_tokens, "encoder_mask": encoder_mask.astype(jnp.int32),
+          "decoder_tokens": jnp.concatenate([start, targets_BxT[:, :-1]], 1),
+          "decoder_mask": jnp.ones_like(targets_BxT, jnp.int32), "targets": targets_BxT,
+          "loss_mask": target_mask_BxT.astype(jnp.float32)}
+
+
+def batch_view(batch, encoder_decoder: bool, pad_id=0):
+  """View of a dataset batch (gkd_jax.data layout)."""
+  if encoder_decoder:
+    return encdec_view(batch["encoder_tokens"], batch["encoder_mask"], batch["decoder_targets"],
+                       batch["decoder_mask"])
+  mask = (batch["prompt_mask"] + batch["target_mask"]) > 0
+  return decoder_view(batch["tokens"], mask, batch["target_mask"], pad_id)
+
+
+def samples_view(prompt_BxP, prompt_len_B, gen_BxN, gen_mask_BxN, encoder_decoder: bool,
+                 pad_id=0):
+  """View of prompts + generated continuations (on-policy or teacher samples)."""
+  if encoder_decoder:
+    enc_mask = jnp.arange(prompt_BxP.shape[1])[None] < prompt_len_B[:, None]
+    return encdec_view(prompt_BxP, enc_mask, gen_BxN, gen_mask_BxN)
+  p, n = prompt_BxP.shape[1], gen_BxN.shape[1]
+  pos = jnp.arange(p + n)[None]
+  in_prompt = pos < prompt_len_B[:, None]
+  g = pos - prompt_len_B[:, None]  # index into the generated tokens
+  in_gen = (g >= 0) & (g < n)
+  gi = jnp.clip(g, 0, n - 1)
+  tokens = jnp.where(in_prompt, jnp.take_along_axis(prompt_BxP, jnp.clip(pos, 0, p - 1) *
+                                                    jnp.ones_like(g), axis=1),
+                     jnp.where(in_gen, jnp.take_along_axis(gen_BxN, gi, axis=1), pad_id))
+  gen_valid = in_gen & jnp.take_along_axis(gen_mask_BxN, gi, axis=1)
+  return decoder_view(tokens, in_prompt | gen_valid, gen_valid, pad_id)
+
+
+# ---------------------------------------------------------------------------- forwards
+def is_encoder_decoder(model) -> bool:
+  return hasattr(model, "decode_with_cache")
+
+
+def hidden_and_head(model, view):
+  """-> (h_BxTxD, W_DxV, softcap) for the positions of ``view``."""
+  if is_encoder_decoder(model):
+    enc = model.encode(view["encoder_tokens"], view["encoder_mask"])
+    h = model.decoder_hidden_states(enc, view["encoder_mask"], view["decoder_tokens"],
+                                    view["decoder_mask"])
+  else:
+    h = model.hidden_states(view["tokens"], mask_BxT=view["mask"])
+  return h, model.head(), getattr(model.cfg, "final_logit_softcap", None)
+
+
+def logits(h_BxTxD, w_DxV, cap):
+  z = jnp.einsum("btd,dv->btv", h_BxTxD, w_DxV.astype(h_BxTxD.dtype),
+                 preferred_element_type=jnp.float32)
+  return dv.softcap(z, cap)
+
+
+def count(view, spec: LossSpec, what: str):
+  """The normalizer of a loss term for this view (depends on masks only)."""
+  m = view["loss_mask"]
+  if what == "div" and spec.loss == "atkd":
+    return jnp.float32(1.0)
+  if what in ("div", "ce") and spec.reduction == "sequence":
+    return jnp.sum(jnp.any(m > 0, axis=-1)).astype(jnp.float32)
+  if what == "pg" and not spec.token_rkl_reward:
+    return jnp.float32(m.shape[0])
+  return jnp.sum(m)
+
+
+# ------------------------------------------------------------------------------ losses
+def divergence_sum(student, s, t, view, spec: LossSpec):
+  """Sum of the configured divergence (or the ATKD loss) over the view's trained tokens.
+
+  s, t: (h, W, cap) of student and teacher. Returns (sum, aux metrics).
+  """
+  m, tgt = view["loss_mask"], view["targets"]
+  params = spec.divergence_params()
+  if spec.fused:
+    loss, aux = fused_loss(s[0], s[1], t[0], t[1], m, tgt, loss=spec.loss,
+                           temperature=spec.temperature, reduction=spec.reduction,
+                           student_softcap=s[2], teacher_softcap=t[2],
+                           chunk_size=spec.chunk_size, **params)
+    return (loss, aux) if spec.loss == "atkd" else (aux["sum"], {})
+  s_logits, t_logits = logits(*s), logits(*t)
+  if spec.loss == "atkd":
+    return at.atkd_loss(s_logits, t_logits, tgt, m, temperature=spec.temperature, **params)
+  per_token = dv.get_divergence(spec.loss, temperature=spec.temperature, **params)(s_logits,
+                                                                                   t_logits)
+  return dv.masked_mean(per_token, m, spec.reduction)[1][0], {}
+
+
+def target_logprobs(h_w_cap, view):
+  """log p(target) per position ``[B, T]`` (float32) at temperature 1."""
+  lp = jax.nn.log_softmax(logits(*h_w_cap), axis=-1)
+  return jnp.take_along_axis(lp, view["targets"][..., None], axis=-1)[..., 0]
+
+
+def ce_sum(h_w_cap, view, spec: LossSpec):
+  nll = -target_logprobs(h_w_cap, view)
+  return dv.masked_mean(nll, view["loss_mask"], spec.reduction)[1][0]
+
+
+def pg_sum(h_w_cap, view, advantages, teacher_lp=None):
+  """REINFORCE: -(A * log p(sample)). advantages [B] (sequence reward) or, when teacher
+  log-probs [B, T] are given, the per-token reverse-KL reward log p_T - log p_S."""
+  lp = target_logprobs(h_w_cap, view)
+  m = view["loss_mask"]
+  if teacher_lp is not None:
+    adv = jax.lax.stop_gradient(teacher_lp - lp)
+    return -jnp.sum(jnp.where(m > 0, adv * lp * m, 0.0))
+  return -jnp.sum(jax.lax.stop_gradient(advantages) * jnp.sum(jnp.where(m > 0, lp * m, 0.0), -1))
+
+
+# ------------------------------------------------------------------------------ update
+def make_optimizer(c) -> optax.GradientTransformation:
+  """AdamW or Adafactor with warmup + constant/linear/cosine decay and clipping."""
+  o, steps = c.optim, c.train.steps
+  warm = min(o.warmup_steps, steps)
+  end = o.lr * o.end_lr_fraction
+  if o.schedule == "constant":
+    decay = optax.constant_schedule(o.lr)
+  elif o.schedule == "linear":
+    decay = optax.linear_schedule(o.lr, end, max(steps - warm, 1))
+  else:
+    decay = optax.cosine_decay_schedule(o.lr, max(steps - warm, 1), alpha=o.end_lr_fraction)
+  sched = optax.join_schedules([optax.linear_schedule(0.0, o.lr, warm), decay], [warm]) \
+      if warm else decay
+  if o.name == "adamw":
+    opt = optax.adamw(sched, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
+  else:
+    opt = optax.adafactor(sched, weight_decay_rate=o.weight_decay or None)
+  return optax.chain(optax.clip_by_global_norm(o.clip_norm), opt) if o.clip_norm else opt
+
+
+def _micro(x, k):
+  return x.reshape((k, x.shape[0] // k) + x.shape[1:])
+
+
+def train_step(graphdef, params, opt_state, teacher_graphdef, teacher_params, view, ce_view,
+               advantages, *, spec: LossSpec, optimizer, grad_accum: int):
+  """One optimizer update over ``grad_accum`` micro-batches -> (params, opt_state, metrics).
+
+  view: the trained sequences (samples or dataset); ce_view: dataset sequences for
+  the optional cross-entropy term (same as view in SFT); advantages [B] for the
+  sequence-reward policy gradient (zeros when unused). metrics: name -> (sum, count).
+  """
+  k = grad_accum
+  use_div = spec.mode == "gkd" and spec.rl_alpha > 0
+  use_pg = spec.mode == "gkd" and spec.rl_alpha < 1
+  use_ce = spec.mode == "sft" or spec.ce_weight > 0
+  w_div = spec.rl_alpha if use_pg else 1.0
+  n_div = count(view, spec, "div") * (k if spec.loss == "atkd" else 1)
+  n_pg = count(view, spec, "pg")
+  n_ce = count(ce_view, spec, "ce")
+
+  def loss_fn(p, mv, mce, madv):
+    student = nnx.merge(graphdef, p)
+    s = hidden_and_head(student, mv)
+    terms = {}
+    total = 0.0
+    t = t_lp = None
+    if use_div or (use_pg and spec.token_rkl_reward):
+      teacher = nnx.merge(teacher_graphdef, teacher_params)
+      t = jax.tree.map(jax.lax.stop_gradient, hidden_and_head(teacher, mv))
+    if use_div:
+      d_sum, aux = divergence_sum(student, s, t, mv, spec)
+      total += w_div * d_sum / n_div
+      terms["divergence"] = d_sum
+      terms.update({f"atkd/{a}": v for a, v in aux.items()})
+    if use_pg:
+      if spec.token_rkl_reward:
+        t_lp = target_logprobs(t, mv)
+      p_sum = pg_sum(s, mv, madv, t_lp)
+      total += (1.0 - spec.rl_alpha) * p_sum / n_pg
+      terms["pg"] = p_sum
+    if use_ce:
+      c = s if spec.mode == "sft" else hidden_and_head(student, mce)
+      c_sum = ce_sum(c, mce, spec)
+      total += (1.0 if spec.mode == "sft" else spec.ce_weight) * c_sum / n_ce
+      terms["ce"] = c_sum
+    return total, terms
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if k == 1:
+    (loss, terms), grads = grad_fn(params, view, ce_view, advantages)
+  else:
+    split = lambda tree: jax.tree.map(lambda x: _micro(x, k), tree)
+
+    def body(acc, xs):
+      (l, tm), g = grad_fn(params, *xs)
+      return jax.tree.map(jnp.add, acc, (l, tm, g)), None
+
+    xs = (split(view), split(ce_view), split(advantages))
+    first = jax.tree.map(lambda x: x[0], xs)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, *first)))
+    (loss, terms, grads), _ = jax.lax.scan(body, (zeros[0][0], zeros[0][1], zeros[1]), xs)
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  counts = {"divergence": n_div, "pg": n_pg, "ce": n_ce}
+  metrics = {"loss": (loss, jnp.float32(1.0)), "grad_norm": (optax.global_norm(grads), 1.0),
+             "tokens": (jnp.sum(view["loss_mask"]), 1.0)}
+  for name, value in terms.items():
+    metrics[name] = (value, counts.get(name, jnp.float32(k)))
+  return params, opt_state, metrics

