@@ -109,10 +109,11 @@ def samples_view(prompt_BxP, prompt_len_B, gen_BxN, gen_mask_BxN, encoder_decode
   g = pos - prompt_len_B[:, None]  # index into the generated tokens
   in_gen = (g >= 0) & (g < n)
   gi = jnp.clip(g, 0, n - 1)
-  tokens = jnp.where(in_prompt, jnp.take_along_axis(prompt_BxP, jnp.clip(pos, 0, p - 1) *
-                                                    jnp.ones_like(g), axis=1),
-                     jnp.where(in_gen, jnp.take_along_axis(gen_BxN, gi, axis=1), pad_id))
-  gen_valid = in_gen & jnp.take_along_axis(gen_mask_BxN, gi, axis=1)
+  gen_valid = in_gen & jnp.take_along_axis(gen_mask_BxN.astype(bool), gi, axis=1)
+  prompt_tok = jnp.take_along_axis(prompt_BxP, jnp.broadcast_to(jnp.clip(pos, 0, p - 1), g.shape),
+                                   axis=1)
+  tokens = jnp.where(in_prompt, prompt_tok,
+                     jnp.where(gen_valid, jnp.take_along_axis(gen_BxN, gi, axis=1), pad_id))
   return decoder_view(tokens, in_prompt | gen_valid, gen_valid, pad_id)
 
 
@@ -280,7 +281,9 @@ def train_step(graphdef, params, opt_state, teacher_graphdef, teacher_params, vi
   updates, opt_state = optimizer.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
   counts = {"divergence": n_div, "pg": n_pg, "ce": n_ce}
-  metrics = {"loss": (loss, jnp.float32(1.0)), "grad_norm": (optax.global_norm(grads), 1.0),
+  finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
+  metrics = {"loss": (loss, jnp.float32(1.0)), "grad_norm": (optax.tree.norm(grads), 1.0),
+             "params_finite": (finite.astype(jnp.float32), 1.0),
              "tokens": (jnp.sum(view["loss_mask"]), 1.0)}
   for name, value in terms.items():
     metrics[name] = (value, counts.get(name, jnp.float32(k)))

@@ -150,7 +150,7 @@ class Trainer:
     self.optimizer = steps.make_optimizer(c)
     self.graphdef, self.params = nnx.split(self.student)
     self.t_graphdef, self.t_params = nnx.split(self.teacher)
-    self.opt_state = jax.jit(self.optimizer.init)(self.params)
+    self.opt_state = self.on_mesh(jax.jit(self.optimizer.init)(self.params))
     self._step_fn = jax.jit(steps.train_step, static_argnames=(
         "graphdef", "teacher_graphdef", "spec", "optimizer", "grad_accum"), donate_argnums=(1, 2))
     self.ckpt = ocp.CheckpointManager(
@@ -161,6 +161,13 @@ class Trainer:
     if self.spec.rl_alpha < 1 and not self.spec.token_rkl_reward:
       from gkd_jax import rewards
       self.reward_fn = rewards.get_reward(c.rl.reward)
+
+  def on_mesh(self, tree):
+    """Leaves not laid out on the mesh (e.g. optimizer step counts) become replicated on it."""
+    rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    fix = lambda x: x if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding) \
+        else jax.device_put(x, rep)
+    return jax.tree.map(fix, tree)
 
   # -- data ---------------------------------------------------------------------------
   def data_kwargs(self, split):
@@ -191,7 +198,7 @@ class Trainer:
     step = self.ckpt.latest_step()
     if step is None:
       return 0
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             {"params": self.params, "opt_state": self.opt_state})
     r = self.ckpt.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
@@ -327,11 +334,12 @@ def run(config, workdir: str) -> dict:
     for step in range(start, c.train.steps):
       batch = tr.place(next(batches))
       metrics, source = tr.train_step(batch, step)
-      loss = float(metrics["loss"][0])
-      if not math.isfinite(loss):
+      loss = float(metrics.pop("loss")[0])
+      if not math.isfinite(loss) or not float(metrics.pop("params_finite")[0]):
         raise FloatingPointError(
-            f"non-finite loss ({loss}) at step {step}; stopping. The last good checkpoint "
-            f"(step {last_good}) in {workdir}/ckpt is intact")
+            f"non-finite loss ({loss}) or parameters at step {step}; stopping. The last good "
+            f"checkpoint (step {last_good}) in {workdir}/ckpt is intact")
+      metrics["loss"] = (loss, 1.0)
       sources[source] = sources.get(source, 0) + 1
       for k, (s, n) in metrics.items():
         a = acc.setdefault(k, [0.0, 0.0])

@@ -1,0 +1,222 @@
+"""The trainer end to end on a tiny random teacher (SmolLM2's tokenizer) on 8 fake devices."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import gguf
+import numpy as np
+import pytest
+import safetensors.numpy
+from flax import nnx
+
+from gkd_jax import config as config_lib
+from gkd_jax import models, train
+from gkd_jax.models.llama import Llama, LlamaConfig
+from gkd_jax.tokenizers import Tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = LlamaConfig(vocab_size=49152, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8,
+                   mlp_dim=64, max_seq_len=256, tie_embeddings=True, rms_eps=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+  """A tiny random teacher with SmolLM2's tokenizer, and a student with another vocab size."""
+  tok = Tokenizer.from_gguf_metadata(gguf.GGUFReader(models.alias_path("smollm2-135m-instruct")))
+  root = tmp_path_factory.mktemp("tiny")
+  models.save_hf(Llama(TINY, rngs=nnx.Rngs(0)), tok, str(root / "teacher"))
+  small = LlamaConfig(**{**TINY.__dict__, "vocab_size": 256, "n_layers": 1})
+  models.save_hf(Llama(small, rngs=nnx.Rngs(1)), None, str(root / "other_vocab"))
+  return root
+
+
+def tiny_config(teacher_dir, **overrides):
+  c = config_lib.defaults()
+  c.teacher.path = str(teacher_dir)
+  c.student.keep_layers = (0, 2)
+  c.data.source = "local"
+  c.data.max_prompt_len, c.data.max_target_len, c.data.batch_size = 48, 12, 8
+  c.gkd.max_new_tokens = 12
+  c.train.steps, c.train.log_every, c.train.ckpt_every = 3, 1, 0
+  c.train.export_hf = False
+  c.eval.num_examples = 0
+  c.mesh.data, c.mesh.model = 4, 2
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+MODES = {
+    "lmbda0": ({"gkd.lmbda": 0.0}, {"dataset"}),
+    "lmbda_half": ({"gkd.lmbda": 0.5, "train.steps": 4}, {"dataset", "on_policy"}),
+    "lmbda1_atkd_fused": ({"gkd.lmbda": 1.0, "gkd.loss": "atkd", "gkd.fused": True},
+                          {"on_policy"}),
+    "seq_kd_rkl": ({"gkd.lmbda": 0.0, "gkd.seq_kd": True, "gkd.loss": "rkl"}, {"teacher"}),
+    "rl_rouge_groups": ({"gkd.lmbda": 1.0, "rl.alpha": 0.5, "rl.reward": "rouge",
+                         "rl.samples_per_prompt": 2}, {"on_policy"}),
+    "rl_token_rkl": ({"gkd.lmbda": 1.0, "rl.alpha": 0.0, "rl.reward": "token_rkl"},
+                     {"on_policy"}),
+    "sft_accum": ({"mode": "sft", "optim.grad_accum": 2}, {"dataset"}),
+}
+
+
+@pytest.mark.parametrize("name", list(MODES))
+def test_mode_runs_end_to_end(tiny_dirs, tmp_path, name):
+  overrides, sources = MODES[name]
+  summary = train.run(tiny_config(tiny_dirs / "teacher", **overrides), str(tmp_path))
+  assert summary["status"] == "done" and summary["step"] == overrides.get("train.steps", 3)
+  assert set(summary["sources"]) == sources
+  lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+  train_lines = [x for x in lines if "train/loss" in x]
+  assert len(train_lines) == summary["step"] and all(np.isfinite(x["train/loss"])
+                                                     for x in train_lines)
+  if name.startswith("rl_rouge"):
+    assert "train/reward" in train_lines[-1] and "train/pg" in train_lines[-1]
+  assert os.path.isdir(tmp_path / "ckpt" / str(summary["step"]))
+
+
+def test_eval_samples_plot_and_hf_export(tiny_dirs, tmp_path):
+  c = tiny_config(tiny_dirs / "teacher", **{"train.steps": 2, "train.sft_warmup_steps": 1,
+                                            "eval.num_examples": 8, "eval.max_new_tokens": 6,
+                                            "train.export_hf": True})
+  s = train.run(c, str(tmp_path))
+  assert {"before", "teacher", "after_sft_warmup", "after"} <= set(s["eval"])
+  for k in ("rouge2", "teacher_kl"):
+    assert np.isfinite(s["eval"]["after"][k])
+  assert (tmp_path / "samples_step2.jsonl").exists() and (tmp_path / "curves.png").exists()
+  back, tok = models.load(str(tmp_path / "hf"))
+  assert back.cfg.n_layers == 2 and tok.vocab_size == 49152
+
+
+def _cli(cfg_path, workdir, *extra):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  return subprocess.Popen([sys.executable, "-m", "gkd_jax.main", f"--config={cfg_path}",
+                           f"--workdir={workdir}", *extra], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _params(workdir, step):
+  import orbax.checkpoint as ocp
+  d = os.path.join(workdir, "ckpt", str(step), "state")
+  tree = ocp.StandardCheckpointer().restore(d)
+  return {k: np.asarray(v) for k, v in _flatten(tree["params"]).items()}
+
+
+def _flatten(tree, prefix=""):
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}/"))
+    else:
+      out[prefix + str(k)] = v
+  return out
+
+
+def _wait_for(path, proc, timeout=300):
+  t0 = time.time()
+  while not os.path.isdir(path):
+    assert proc.poll() is None, proc.stdout.read()
+    assert time.time() - t0 < timeout, f"{path} never appeared"
+    time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_and_sigterm_is_bitwise_identical(tiny_dirs, tmp_path):
+  cfg = tmp_path / "cfg.py"
+  cfg.write_text(
+      "import sys; sys.path.insert(0, %r)\n" % os.path.join(ROOT, "tests") +
+      "from test_train import tiny_config\n"
+      "def get_config():\n"
+      f"  return tiny_config({str(tiny_dirs / 'teacher')!r}, **{{'train.steps': 6, "
+      "'train.ckpt_every': 2, 'gkd.lmbda': 0.5})\n")
+  ref = _cli(cfg, tmp_path / "ref")
+  assert ref.wait() == 0, ref.stdout.read()
+  want = _params(tmp_path / "ref", 6)
+
+  killed = _cli(cfg, tmp_path / "kill")
+  _wait_for(tmp_path / "kill" / "ckpt" / "2", killed)
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
+  resumed = _cli(cfg, tmp_path / "kill")
+  out = resumed.communicate()[0]
+  assert resumed.returncode == 0, out
+  assert '"start_step": 0' not in out  # it did resume
+
+  term = _cli(cfg, tmp_path / "term")
+  _wait_for(tmp_path / "term" / "ckpt" / "2", term)
+  term.send_signal(signal.SIGTERM)
+  out = term.communicate()[0]
+  assert term.returncode == 0 and '"status": "preempted"' in out, out
+  again = _cli(cfg, tmp_path / "term", "--gin_bindings=train.log_every = 2")
+  assert again.wait() == 0, again.stdout.read()
+
+  for run in ("kill", "term"):
+    got = _params(tmp_path / run, 6)
+    assert got.keys() == want.keys()
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=f"{run}: {k}")
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(tiny_dirs, tmp_path):
+  c = tiny_config(tiny_dirs / "teacher", **{"train.steps": 6, "train.ckpt_every": 1,
+                                            "optim.lr": 1e30, "optim.warmup_steps": 0,
+                                            "optim.clip_norm": 0.0, "gkd.lmbda": 0.0})
+  with pytest.raises(FloatingPointError, match=r"or parameters at step (\d+).*last good") as e:
+    train.run(c, str(tmp_path))
+  bad = int(e.value.args[0].split("at step ")[1].split(";")[0])
+  steps_saved = sorted(int(d) for d in os.listdir(tmp_path / "ckpt") if d.isdigit())
+  assert steps_saved and max(steps_saved) == bad  # the bad step's update was not saved
+  params = _params(tmp_path, max(steps_saved))
+  assert all(np.all(np.isfinite(v)) for v in params.values())
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"gkd.lmbda": 1.5}, r"config.gkd.lmbda = 1.5: must be a number in \[0, 1\]"),
+    ({"gkd.beta": -0.1}, "config.gkd.beta"),
+    ({"gkd.loss_temperature": 0.0}, "config.gkd.loss_temperature"),
+    ({"gkd.loss": "kl"}, "config.gkd.loss = 'kl'"),
+    ({"data.max_prompt_len": 0}, "config.data.max_prompt_len"),
+    ({"rl.alpha": 0.5, "gkd.lmbda": 0.5}, "config.gkd.lmbda.*rl.alpha < 1"),
+    ({"mesh.data": 3}, r"config.mesh \(data=3, fsdp=1, model=2\) does not fit the 8"),
+    ({"student.init": "path", "student.path": "/nonexistent/ckpt"}, "/nonexistent/ckpt"),
+    ({"student.init": "path", "student.path": "OTHER"}, "vocabularies differ"),
+])
+def test_bad_input_fails_fast(tiny_dirs, tmp_path, overrides, match):
+  if overrides.get("student.path") == "OTHER":
+    overrides = {**overrides, "student.path": str(tiny_dirs / "other_vocab")}
+  t0 = time.time()
+  with pytest.raises(ValueError, match=match):
+    train.run(tiny_config(tiny_dirs / "teacher", **overrides), str(tmp_path / "w"))
+  assert time.time() - t0 < 30  # before any compile or data work
+
+
+def test_unknown_key_and_unwritable_workdir(tiny_dirs, tmp_path):
+  c = tiny_config(tiny_dirs / "teacher")
+  c.gkd.lambda_ = 0.5
+  with pytest.raises(ValueError, match="unknown config key.*gkd.lambda_"):
+    train.run(c, str(tmp_path))
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  with pytest.raises(ValueError, match="workdir .* is not writable"):
+    train.run(tiny_config(tiny_dirs / "teacher"), str(blocker / "sub"))
+
+
+def test_cli_rejects_bad_overrides(tmp_path):
+  from gkd_jax import main
+  with pytest.raises(ValueError, match="unknown config key 'gkd.nope'"):
+    main.apply_overrides(config_lib.defaults(), main.gin_overrides(["gkd.nope = 1"]))
+  c = main.apply_overrides(config_lib.defaults(),
+                           main.gin_overrides(["gkd.lmbda = 0.25\nstudent.keep_layers = (1, 2)"]))
+  assert c.gkd.lmbda == 0.25 and tuple(c.student.keep_layers) == (1, 2)
+  proc = _cli(tmp_path / "missing.py", tmp_path / "w")
+  out = proc.communicate()[0]
+  assert proc.returncode != 0 and "missing.py" in out

@@ -1,0 +1,145 @@
+"""The pure training step on tiny random models under a (data=4, model=2) mesh."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gkd_jax import config as config_lib
+from gkd_jax import divergences as dv
+from gkd_jax import sampling, sharding, steps, train
+from gkd_jax.models.llama import Llama, LlamaConfig
+
+TEACHER = LlamaConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8,
+                      mlp_dim=64, max_seq_len=64)
+STUDENT = dataclasses.replace(TEACHER, n_layers=1)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  mesh = sharding.make_mesh({"data": 4, "fsdp": 1, "model": 2})
+  teacher = Llama(TEACHER, rngs=nnx.Rngs(0))
+  teacher.lm_head[...] = teacher.lm_head[...] * 40.0  # a confident teacher: real targets
+  sharding.shard_model(teacher, mesh)
+  r = np.random.default_rng(0)
+  prompts = r.integers(1, 64, (8, 6)).astype(np.int32)
+  lengths = r.integers(2, 7, (8,)).astype(np.int32)
+  targets = r.integers(1, 64, (8, 5)).astype(np.int32)
+  tokens = np.zeros((8, 11), np.int32)
+  pm, tm = np.zeros_like(tokens), np.zeros_like(tokens)
+  for b in range(8):
+    n = lengths[b]
+    tokens[b, :n], tokens[b, n:n + 5] = prompts[b, :n], targets[b]
+    pm[b, :n], tm[b, n:n + 5] = 1, 1
+  batch = sharding.shard_batch({"tokens": tokens, "prompt_mask": pm, "target_mask": tm,
+                                "prompt_tokens": prompts, "prompt_lengths": lengths}, mesh)
+  return mesh, teacher, batch
+
+
+def _run(setup, spec, steps_n=15, lr=1e-2, on_policy=False, advantages=None, grad_accum=1):
+  mesh, teacher, batch = setup
+  student = Llama(STUDENT, rngs=nnx.Rngs(1))
+  sharding.shard_model(student, mesh)
+  c = config_lib.defaults()
+  c.optim.lr, c.optim.warmup_steps, c.optim.schedule, c.train.steps = lr, 0, "constant", steps_n
+  opt = steps.make_optimizer(c)
+  view = steps.batch_view(batch, False)
+  if on_policy:  # one fixed set of student samples ("a fixed batch")
+    out = sampling.sample(student, batch["prompt_tokens"], batch["prompt_lengths"],
+                          rng=jax.random.PRNGKey(0), max_new_tokens=5)
+    view = steps.samples_view(batch["prompt_tokens"], batch["prompt_lengths"], out.tokens,
+                              out.mask, False)
+  adv = jnp.zeros(8) if advantages is None else advantages
+  gd, params = nnx.split(student)
+  tg, tp = nnx.split(teacher)
+  opt_state = opt.init(params)
+  fn = jax.jit(steps.train_step, static_argnames=("graphdef", "teacher_graphdef", "spec",
+                                                  "optimizer", "grad_accum"))
+  losses = []
+  for _ in range(steps_n):
+    params, opt_state, m = fn(gd, params, opt_state, tg, tp, view, view, adv, spec=spec,
+                              optimizer=opt, grad_accum=grad_accum)
+    losses.append(float(m["loss"][0]))
+  return losses, params, m
+
+
+CASES = {
+    "fkl": steps.LossSpec(loss="fkl"), "rkl": steps.LossSpec(loss="rkl"),
+    "jsd": steps.LossSpec(loss="jsd", beta=0.5), "tvd": steps.LossSpec(loss="tvd"),
+    "skl": steps.LossSpec(loss="skl", alpha=0.1), "srkl": steps.LossSpec(loss="srkl", alpha=0.1),
+    "atkd": steps.LossSpec(loss="atkd"),
+    "jsd_fused_seq": steps.LossSpec(loss="jsd", fused=True, chunk_size=16, reduction="sequence"),
+    "atkd_fused": steps.LossSpec(loss="atkd", fused=True, chunk_size=16),
+    "sft": steps.LossSpec(mode="sft"),
+    "fkl_ce": steps.LossSpec(loss="fkl", ce_weight=0.5, temperature=2.0),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_loss_falls_on_a_fixed_batch(setup, name):
+  losses, _, _ = _run(setup, CASES[name])
+  assert all(np.isfinite(losses))
+  assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_loss_falls_on_fixed_student_samples(setup):
+  losses, _, _ = _run(setup, steps.LossSpec(loss="rkl"), on_policy=True)
+  assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_rl_plus_gkd_moves_toward_rewarded_samples(setup):
+  """(1-alpha)*REINFORCE + alpha*divergence: positive advantages raise those samples' log-prob."""
+  spec = steps.LossSpec(loss="jsd", rl_alpha=0.5)
+  adv = jnp.array([1.0, -1.0] * 4)
+  _, params, m = _run(setup, spec, on_policy=True, advantages=adv, steps_n=8)
+  assert {"pg", "divergence"} <= set(m)
+  spec_tok = steps.LossSpec(loss="jsd", rl_alpha=0.0, token_rkl_reward=True)
+  losses, _, m = _run(setup, spec_tok, on_policy=True, steps_n=8)
+  assert "pg" in m and "divergence" not in m and all(np.isfinite(losses))
+
+
+def test_grad_accumulation_equals_full_batch(setup):
+  spec = steps.LossSpec(loss="fkl", reduction="sequence")
+  full, p1, _ = _run(setup, spec, steps_n=2)
+  acc, p2, _ = _run(setup, spec, steps_n=2, grad_accum=4)
+  np.testing.assert_allclose(acc, full, rtol=2e-5)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
+
+
+def test_divergence_metric_matches_direct_computation(setup):
+  mesh, teacher, batch = setup
+  _, params, m = _run(setup, steps.LossSpec(loss="fkl"), steps_n=1, lr=0.0)
+  student = Llama(STUDENT, rngs=nnx.Rngs(1))
+  view = steps.batch_view(batch, False)
+  s = student(view["tokens"], mask_BxT=view["mask"])
+  t = teacher(view["tokens"], mask_BxT=view["mask"])
+  want = dv.masked_mean(dv.forward_kl(s, t), view["loss_mask"])[0]
+  total, count = m["divergence"]
+  np.testing.assert_allclose(float(total) / float(count), want, rtol=1e-5)
+  np.testing.assert_allclose(m["loss"][0], want, rtol=1e-5)
+
+
+def test_samples_view_layout():
+  prompts = jnp.array([[5, 6, 7], [8, 0, 0]])
+  lens = jnp.array([3, 1])
+  gen = jnp.array([[1, 2], [3, 4]])
+  mask = jnp.array([[True, True], [True, False]])
+  v = steps.samples_view(prompts, lens, gen, mask, False, pad_id=9)
+  assert v["tokens"].tolist() == [[5, 6, 7, 1, 2], [8, 3, 9, 9, 9]]
+  assert v["mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+  # position t predicts t+1: train where the next token is a valid generated token
+  assert v["loss_mask"].tolist() == [[0, 0, 1, 1, 0], [1, 0, 0, 0, 0]]
+  assert v["targets"][0, 2] == 1 and v["targets"][1, 0] == 3
+
+
+@pytest.mark.parametrize("lmbda", [0.0, 0.3, 1.0])
+def test_on_policy_fraction_is_lmbda(lmbda):
+  draws = [train.step_source(7, s, lmbda, False) == "on_policy" for s in range(4000)]
+  assert abs(np.mean(draws) - lmbda) < 0.03
+  assert train.step_source(7, 11, lmbda, False) == train.step_source(7, 11, lmbda, False)
+  if lmbda < 1:
+    assert {train.step_source(7, s, lmbda, True) for s in range(50)} >= {"teacher"}
