@@ -12,6 +12,8 @@ import logging
 import os
 import sys
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow (data only) stays quiet
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -62,6 +64,7 @@ def main(argv):
   if FLAGS.workdir is None:
     raise app.UsageError("--workdir is required")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO chatter
   texts = list(FLAGS.gin_bindings)
   for path in FLAGS.gin_file:
     if not os.path.isfile(path):
@@ -75,7 +78,26 @@ def main(argv):
   from gkd_jax import train
   summary = train.run(config, FLAGS.workdir)
   print(json.dumps({k: v for k, v in summary.items() if k != "samples"}, indent=2, default=str))
+  print(report(summary))
   return 0 if summary["status"] in ("done", "preempted") else 1
+
+
+def report(summary) -> str:
+  """A small before/after table of the eval metrics and a few samples."""
+  ev = summary.get("eval", {})
+  rows = [(name, ev[key]) for key, name in (("teacher", "teacher"), ("before", "student before"),
+          ("after_sft_warmup", "student after SFT warm-up"), ("after", "student after"))
+          if key in ev]
+  if not rows:
+    return ""
+  keys = [k for k in rows[-1][1] if k != "decode_s"]
+  lines = [f"{'':<28}" + "".join(f"{k:>12}" for k in keys)]
+  for name, m in rows:
+    lines.append(f"{name:<28}" + "".join(f"{m[k]:>12.3f}" if k in m else f"{'-':>12}"
+                                         for k in keys))
+  for s in summary.get("samples", [])[:3]:
+    lines += ["", "reference: " + s["reference"].strip(), "student:   " + s["student"].strip()]
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -160,7 +160,7 @@ def _sample(graphdef, state, prompt_BxP, lengths_B, rng, cfg: SampleConfig):
   else:
     tokens, mask = left_align(prompt_BxP, lengths_B, cfg.pad_id)
     cache = model.init_cache(b, p + cfg.max_new_tokens)
-    logits, cache = model.forward_with_cache(tokens, cache, mask_BxT=mask)
+    logits, cache = model.forward_with_cache(tokens, cache, mask_BxT=mask, last_only=True)
 
     def step(cache, tok_B, valid_B):
       logits, cache = model.forward_with_cache(tok_B[:, None], cache, mask_BxT=valid_B[:, None])
@@ -267,7 +267,8 @@ def _beam(graphdef, state, prompt_BxP, lengths_B, cfg: BeamConfig):
   else:
     tokens, mask = left_align(prompt_BxP, lengths_B, cfg.pad_id)
     cache = model.init_cache(b * k, p + n)
-    logits, cache = model.forward_with_cache(rep(tokens), cache, mask_BxT=rep(mask))
+    logits, cache = model.forward_with_cache(rep(tokens), cache, mask_BxT=rep(mask),
+                                             last_only=True)
     step = lambda tok, cache: model.forward_with_cache(tok[:, None], cache)
   eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
   neg = jnp.float32(_NEG)

@@ -1,8 +1,10 @@
 """One training step, as pure functions: sequence views, losses, the optax update.
 
-A *view* is the dict a loss reads; both model kinds provide ``targets [B, T]`` (the
-token each position predicts) and ``loss_mask [B, T]`` (1 where that prediction is
-trained):
+A *view* is the dict a loss reads. Both model kinds provide ``loss_positions [B, K]``
+(the K sequence positions whose predictions are trained, in order; K is static,
+e.g. the target bucket or max_new_tokens), ``targets [B, K]`` (the token each of
+them predicts) and ``loss_mask [B, K]`` (1 where trained). Only those positions go
+through the LM head, so a long prompt costs no [B, L, V] logits.
   decoder-only: tokens, mask (1 = real token) -> the logit at t predicts tokens[t+1]
   encoder-decoder: encoder_tokens, encoder_mask, decoder_tokens (shifted right),
     decoder_mask -> the logit at t predicts decoder target t
@@ -67,15 +69,21 @@ class LossSpec:
 
 
 # ------------------------------------------------------------------------------ views
-def decoder_view(tokens_BxL, mask_BxL, target_mask_BxL, pad_id=0):
-  """Decoder-only view: position t is trained to predict tokens[t+1] where target_mask[t+1]."""
-  b = tokens_BxL.shape[0]
+def decoder_view(tokens_BxL, mask_BxL, target_mask_BxL, pad_id=0, k=None):
+  """Decoder-only view: position t is trained to predict tokens[t+1] where target_mask[t+1].
+
+  k: static number of trained positions kept per row (>= the most target tokens in a
+  row; default L).
+  """
+  b, length = tokens_BxL.shape
   pad = jnp.full((b, 1), pad_id, tokens_BxL.dtype)
+  next_BxL = jnp.concatenate([tokens_BxL[:, 1:], pad], 1)
+  m_BxL = jnp.concatenate([target_mask_BxL[:, 1:], jnp.zeros((b, 1), target_mask_BxL.dtype)], 1)
+  pos_BxK = jnp.argsort(m_BxL <= 0, axis=1, stable=True)[:, :min(k or length, length)]
   return {"tokens": tokens_BxL, "mask": mask_BxL.astype(jnp.int32),
-          "targets": jnp.concatenate([tokens_BxL[:, 1:], pad], 1),
-          "loss_mask": jnp.concatenate([target_mask_BxL[:, 1:],
-                                        jnp.zeros((b, 1), target_mask_BxL.dtype)], 1
-                                       ).astype(jnp.float32)}
+          "loss_positions": pos_BxK.astype(jnp.int32),
+          "targets": jnp.take_along_axis(next_BxL, pos_BxK, axis=1),
+          "loss_mask": jnp.take_along_axis(m_BxL, pos_BxK, axis=1).astype(jnp.float32)}
 
 
 def encdec_view(encoder_tokens, encoder_mask, targets_BxT, target_mask_BxT, start_id=0):
@@ -94,7 +102,8 @@ def batch_view(batch, encoder_decoder: bool, pad_id=0):
     return encdec_view(batch["encoder_tokens"], batch["encoder_mask"], batch["decoder_targets"],
                        batch["decoder_mask"])
   mask = (batch["prompt_mask"] + batch["target_mask"]) > 0
-  return decoder_view(batch["tokens"], mask, batch["target_mask"], pad_id)
+  k = batch["target_tokens"].shape[1] if "target_tokens" in batch else None
+  return decoder_view(batch["tokens"], mask, batch["target_mask"], pad_id, k)
 
 
 def samples_view(prompt_BxP, prompt_len_B, gen_BxN, gen_mask_BxN, encoder_decoder: bool,
@@ -114,7 +123,7 @@ def samples_view(prompt_BxP, prompt_len_B, gen_BxN, gen_mask_BxN, encoder_decode
                                    axis=1)
   tokens = jnp.where(in_prompt, prompt_tok,
                      jnp.where(gen_valid, jnp.take_along_axis(gen_BxN, gi, axis=1), pad_id))
-  return decoder_view(tokens, in_prompt | gen_valid, gen_valid, pad_id)
+  return decoder_view(tokens, in_prompt | gen_valid, gen_valid, pad_id, n)
 
 
 # ---------------------------------------------------------------------------- forwards
@@ -123,13 +132,14 @@ def is_encoder_decoder(model) -> bool:
 
 
 def hidden_and_head(model, view):
-  """-> (h_BxTxD, W_DxV, softcap) for the positions of ``view``."""
+  """-> (h_BxKxD, W_DxV, softcap) at the view's trained positions."""
   if is_encoder_decoder(model):
     enc = model.encode(view["encoder_tokens"], view["encoder_mask"])
     h = model.decoder_hidden_states(enc, view["encoder_mask"], view["decoder_tokens"],
                                     view["decoder_mask"])
   else:
     h = model.hidden_states(view["tokens"], mask_BxT=view["mask"])
+    h = jnp.take_along_axis(h, view["loss_positions"][..., None], axis=1)
   return h, model.head(), getattr(model.cfg, "final_logit_softcap", None)
 
 

@@ -212,7 +212,7 @@ class Trainer:
     c, g = self.config, self.config.gkd
     data_view = steps.batch_view(batch, self.encdec, self.pad)
     if c.mode == "sft" or sft:
-      return data_view, data_view, jnp.zeros(c.data.batch_size), "dataset"
+      return data_view, data_view, jnp.zeros(c.data.batch_size), "sft"
     source = step_source(c.seed, step, g.lmbda, g.seq_kd)
     if source == "dataset":
       return data_view, data_view, jnp.zeros(c.data.batch_size), source
@@ -328,7 +328,7 @@ def run(config, workdir: str) -> dict:
   stop = {"flag": False}
   previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
   progress = observe.Progress(c.train.steps, start_step=start, enabled=tr.is_main)
-  acc, sources, t_last, last_good = {}, {}, time.time(), start
+  acc, sources, window, t_last, last_good = {}, {}, {}, time.time(), start
   try:
     batches = tr.train_batches(start)
     for step in range(start, c.train.steps):
@@ -341,6 +341,7 @@ def run(config, workdir: str) -> dict:
             f"checkpoint (step {last_good}) in {workdir}/ckpt is intact")
       metrics["loss"] = (loss, 1.0)
       sources[source] = sources.get(source, 0) + 1
+      window[source] = window.get(source, 0) + 1
       for k, (s, n) in metrics.items():
         a = acc.setdefault(k, [0.0, 0.0])
         a[0] += float(s)
@@ -350,12 +351,12 @@ def run(config, workdir: str) -> dict:
         dt = time.time() - t_last
         out = {k: s / max(n, 1e-9) for k, (s, n) in acc.items() if k != "tokens"}
         out["tokens_per_s"] = acc["tokens"][0] / max(dt, 1e-9)
-        out["on_policy_fraction"] = sources.get("on_policy", 0) / max(sum(sources.values()), 1)
+        out["on_policy_fraction"] = window.get("on_policy", 0) / max(sum(window.values()), 1)
         if tr.reward_fn is not None:
           out["reward"] = getattr(tr, "_last_reward", float("nan"))
         logger.write(done, out, prefix="train")
         progress.update(done, loss=out["loss"], tokens_per_s=out["tokens_per_s"])
-        acc, t_last = {}, time.time()
+        acc, window, t_last = {}, {}, time.time()
       if c.train.ckpt_every and done % c.train.ckpt_every == 0 and done < c.train.steps:
         tr.save(done)
         last_good = done

@@ -64,7 +64,7 @@ MODES = {
                          "rl.samples_per_prompt": 2}, {"on_policy"}),
     "rl_token_rkl": ({"gkd.lmbda": 1.0, "rl.alpha": 0.0, "rl.reward": "token_rkl"},
                      {"on_policy"}),
-    "sft_accum": ({"mode": "sft", "optim.grad_accum": 2}, {"dataset"}),
+    "sft_accum": ({"mode": "sft", "optim.grad_accum": 2}, {"sft"}),
 }
 
 

@@ -115,8 +115,9 @@ def test_divergence_metric_matches_direct_computation(setup):
   _, params, m = _run(setup, steps.LossSpec(loss="fkl"), steps_n=1, lr=0.0)
   student = Llama(STUDENT, rngs=nnx.Rngs(1))
   view = steps.batch_view(batch, False)
-  s = student(view["tokens"], mask_BxT=view["mask"])
-  t = teacher(view["tokens"], mask_BxT=view["mask"])
+  pick = lambda x: jnp.take_along_axis(x, view["loss_positions"][..., None], axis=1)
+  s = pick(student(view["tokens"], mask_BxT=view["mask"]))
+  t = pick(teacher(view["tokens"], mask_BxT=view["mask"]))
   want = dv.masked_mean(dv.forward_kl(s, t), view["loss_mask"])[0]
   total, count = m["divergence"]
   np.testing.assert_allclose(float(total) / float(count), want, rtol=1e-5)
@@ -131,9 +132,11 @@ def test_samples_view_layout():
   v = steps.samples_view(prompts, lens, gen, mask, False, pad_id=9)
   assert v["tokens"].tolist() == [[5, 6, 7, 1, 2], [8, 3, 9, 9, 9]]
   assert v["mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
-  # position t predicts t+1: train where the next token is a valid generated token
-  assert v["loss_mask"].tolist() == [[0, 0, 1, 1, 0], [1, 0, 0, 0, 0]]
-  assert v["targets"][0, 2] == 1 and v["targets"][1, 0] == 3
+  # position t predicts t+1: trained where the next token is a valid generated token;
+  # K = 2 (max_new_tokens) positions per row go through the head.
+  assert v["loss_positions"][0].tolist() == [2, 3] and v["loss_positions"][1, 0] == 0
+  assert v["loss_mask"].tolist() == [[1, 1], [1, 0]]
+  assert v["targets"].tolist()[0] == [1, 2] and v["targets"][1, 0] == 3
 
 
 @pytest.mark.parametrize("lmbda", [0.0, 0.3, 1.0])

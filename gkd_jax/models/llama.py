@@ -314,7 +314,8 @@ class Llama(nnx.Module):
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
             "kv_mask": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32)}
 
-  def forward_with_cache(self, tokens_BxT, cache, *, mask_BxT=None, positions_BxT=None):
+  def forward_with_cache(self, tokens_BxT, cache, *, mask_BxT=None, positions_BxT=None,
+                         last_only=False):
     """Prefill (T = prompt length, left-padded) or decode (T = 1) step.
 
     Writes the T new keys/values at slots [index, index+T), records mask_BxT in
@@ -322,7 +323,8 @@ class Llama(nnx.Module):
     Default positions continue from the number of real tokens already cached.
     The caller keeps index + T <= S (under jit an overflowing write would be
     clamped by dynamic_update_slice, not reported). Sliding windows count slots.
-    Returns (logits_BxTxV float32, new_cache).
+    Returns (logits_BxTxV float32, new_cache); with last_only, logits_Bx1xV of the
+    last position only (what a sampler's prefill needs).
     """
     s = cache["k"].shape[2]
     t = tokens_BxT.shape[1]
@@ -335,6 +337,8 @@ class Llama(nnx.Module):
     mask_BxTxS = attention_mask(kv_mask_BxS, index + jnp.arange(t), self.cfg.sliding_window)
     h, (k, v) = self._layers(self._embed(tokens_BxT), positions_BxT, mask_BxTxS,
                              cache["k"], cache["v"], index)
+    if last_only:
+      h = h[:, -1:]
     h = rms_norm(h, self.final_norm[...], self.cfg.rms_eps)
     new_cache = {"k": k, "v": v, "kv_mask": kv_mask_BxS, "index": index + t}
     return self.logits_from_hidden(h), new_cache
