@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import time
 
 import jax
@@ -36,7 +37,8 @@ def check_workdir(workdir: str) -> str:
   workdir = os.path.abspath(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
+    # one probe per process: several processes may check a shared workdir at once
+    probe = os.path.join(workdir, f".write_test.{socket.gethostname()}.{os.getpid()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
@@ -106,19 +108,44 @@ def to_host(x):
 
 
 class Batches:
-  """Places host-local numpy batches on the mesh as global arrays (batch axis sharded)."""
+  """Places host-local numpy batches on the mesh as global arrays (batch axis sharded).
+
+  With several processes, a numpy array holds this process's rows of the global batch,
+  or (global_data=True) the whole global batch, the same on every process; a jax.Array
+  is already global and is only resharded.
+  """
 
   def __init__(self, mesh, rules):
     self.mesh, self.rules = mesh, rules
 
-  def __call__(self, batch):
+  def __call__(self, batch, global_data=False):
     if jax.process_count() == 1:
       return sharding.shard_batch(batch, self.mesh, self.rules)
 
     def put(x):
+      if isinstance(x, jax.Array):
+        shape = x.shape
+      else:
+        x = np.asarray(x)
+        shape = x.shape if global_data else (x.shape[0] * jax.process_count(),) + x.shape[1:]
       spec = sharding.logical_to_sharding(("batch",) + (None,) * (x.ndim - 1), self.mesh,
-                                          self.rules)
-      return jax.make_array_from_process_local_data(spec, np.asarray(x))
+                                          self.rules, shape)
+      if isinstance(x, jax.Array):
+        return jax.device_put(x, spec)
+      return jax.make_array_from_process_local_data(spec, x, shape)
+
+    return jax.tree.map(put, batch)
+
+  def replicated(self, batch):
+    """Global arrays held whole by every process (host-side code can read them), from
+    numpy arrays that are the same on every process or from global jax.Arrays."""
+    rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+    def put(x):
+      if isinstance(x, jax.Array):
+        return jax.device_put(x, rep)
+      x = np.asarray(x)
+      return jax.make_array_from_process_local_data(rep, x, x.shape)
 
     return jax.tree.map(put, batch)
 
@@ -222,6 +249,8 @@ class Trainer:
       n = prompts.shape[0] // spp
       prompts = self.place({"p": jnp.repeat(prompts[:n], spp, axis=0)})["p"]
       lengths = self.place({"l": jnp.repeat(lengths[:n], spp, axis=0)})["l"]
+    if jax.process_count() > 1:  # sampling.sample checks the lengths on the host
+      lengths = self.place.replicated(lengths)
     model = self.student if source == "on_policy" else self.teacher
     if source == "on_policy":
       nnx.update(self.student, self.params)
@@ -246,7 +275,7 @@ class Trainer:
     r = self.reward_fn(preds, refs)
     self._last_reward = float(np.mean(r))
     adv = rewards.baseline_advantages(r, group_size=spp, baseline=self.config.rl.baseline)
-    return self.place({"a": np.asarray(adv, np.float32)})["a"]
+    return self.place({"a": np.asarray(adv, np.float32)}, global_data=True)["a"]
 
   def train_step(self, batch, step):
     warm = step < self.config.train.sft_warmup_steps
@@ -270,9 +299,17 @@ class Trainer:
                                  shuffle=False, num_epochs=1, shard_index=0, num_shards=1,
                                  max_examples=c.eval.num_examples,
                                  **self.data_kwargs(c.data.eval_split))
-      views = [steps.batch_view(self.place(b), self.encdec, self.pad) for b in batches]
+      views = [steps.batch_view(self.place(b, global_data=True), self.encdec, self.pad)
+               for b in batches]
       self._eval = (ex, views)
     return self._eval
+
+  def eval_place(self, batch):
+    """Eval prompts are the same on every process. With several processes they are
+    replicated, so that the decoder can read its outputs on the host."""
+    if jax.process_count() > 1:
+      return self.place.replicated(batch)
+    return self.place(batch, global_data=True)
 
   def evaluate(self, model, name):
     from gkd_jax import data
@@ -283,7 +320,7 @@ class Trainer:
                                   batch_size=c.eval.batch_size,
                                   max_new_tokens=c.eval.max_new_tokens, eos_ids=self.eos,
                                   pad_id=self.pad, temperature=c.eval.temperature,
-                                  beam_size=c.eval.beam_size, place=self.place)
+                                  beam_size=c.eval.beam_size, place=self.eval_place)
     preds = [self.tokenizer.decode(p) for p in preds_ids]
     refs = [e["references"] for e in ex]
     metrics = data.evaluate(c.data.task, refs, preds)
@@ -374,8 +411,11 @@ def run(config, workdir: str) -> dict:
     summary["sources"] = sources
     if c.eval.num_examples:
       summary["eval"]["after"], summary["samples"] = tr.eval_student(c.train.steps, logger)
+    if c.train.export_hf:
+      # every process joins the gather (params span all of them); process 0 writes
+      nnx.update(tr.student, jax.tree.map(to_host, tr.params) if jax.process_count() > 1
+                 else tr.params)
     if c.train.export_hf and tr.is_main:
-      nnx.update(tr.student, tr.params)
       summary["export"] = models.save_hf(tr.student, tr.tokenizer, os.path.join(workdir, "hf"))
     return summary
   finally:

@@ -4,26 +4,15 @@ import gzip
 import os
 
 import pytest
+import shared_data
+from shared_data import need
 
 from gkd_jax.data import sources, tasks
-
-DEFAULT_DATA_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-
-
-def need(path):
-    """Return `path`; a missing file fails under CI=true and skips elsewhere."""
-    if not os.path.exists(path):
-        message = f"data file missing: {path} (set $GKD_SHARED_DATA to the shared data folder)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 @pytest.fixture(scope="module")
 def data_dir():
-    root = os.path.abspath(os.environ.get("GKD_SHARED_DATA", DEFAULT_DATA_DIR))
-    return need(root)
+    return shared_data.data_dir()
 
 
 @pytest.fixture(scope="module")

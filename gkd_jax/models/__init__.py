@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import importlib.util
 import json
 import os
+
+from gkd_jax import files
 
 LLAMA_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 T5_ARCHITECTURES = ("T5ForConditionalGeneration",)
@@ -38,15 +39,11 @@ def alias_path(alias: str) -> str:
   if alias not in ALIASES:
     raise ValueError(f"unknown model alias {alias!r}; known: {sorted(ALIASES)}")
   package, filename = ALIASES[alias]
-  spec = importlib.util.find_spec(package)
-  if spec is None or not spec.submodule_search_locations:
-    raise ValueError(f"model alias {alias!r} needs the {package!r} package: {_PIP_HINT[package]}")
-  for location in spec.submodule_search_locations:
-    path = os.path.join(location, filename)
-    if os.path.isfile(path):
-      return path
-  raise ValueError(f"model alias {alias!r}: {filename} not found in package {package!r} "
-                   f"({list(spec.submodule_search_locations)})")
+  path = files.package_file(package, filename)
+  if path is None:
+    raise ValueError(f"model alias {alias!r} needs {filename} from the {package!r} package: "
+                     f"{_PIP_HINT[package]}")
+  return path
 
 
 def hf_architecture(hf_config: dict) -> str:
