@@ -10,7 +10,8 @@ How the processes find each other (``--distributed``, default ``auto``):
 * explicit: ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` (or the
   env vars ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``).
   HOST:PORT is process 0's address and a free port on it. Used for CPU/GPU clusters and
-  for the two-process test on 127.0.0.1 (tests/test_multihost.py).
+  for the two-process test on 127.0.0.1 (tests/test_multihost.py). The coordinator listens
+  on all interfaces unless ``JAX_COORDINATOR_BIND_ADDRESS`` (e.g. 127.0.0.1:PORT) says otherwise.
 * Cloud TPU VM pod slices: nothing to pass; ``jax.distributed.initialize()`` reads the
   worker list from the TPU metadata (``auto`` does this when the machine looks like a TPU
   VM; ``--distributed=on`` forces it, e.g. for SLURM / Open MPI auto-detection).
@@ -33,13 +34,14 @@ What a multi-process run does (gkd_jax/train.py):
 * which step is on-policy and every sampling key are functions of (seed, step): all
   processes agree without communicating;
 * only process 0 writes ``config.json``, ``metrics.jsonl`` / TensorBoard events,
-  ``samples_step*.jsonl``, ``curves.png`` and the Hugging Face export (``hf/``); every
-  process takes part in the collectives that gather what it writes;
+  ``samples_step*.jsonl``, ``curves.png`` and the Hugging Face export (``hf/``; every
+  process joins the gather of the parameters it exports);
 * all processes take part in checkpointing: orbax writes each process's shards and
-  process 0 the metadata, so ``--workdir`` must be one location every host sees (a
-  ``gs://`` bucket on a pod, or a shared filesystem). Resuming works as for one process;
-* evaluation runs on every process (same prompts everywhere), decoded outputs are
-  gathered, and process 0 logs them.
+  process 0 the metadata, so ``--workdir`` must be one directory every host sees (NFS /
+  Filestore, or a gcsfuse mount; the trainer writes through local file APIs, so gs:// URLs
+  are not accepted). Resuming works as for one process;
+* evaluation runs on every process: the eval prompts are replicated (every process holds
+  the whole batch), so each can read the decoded text; process 0 logs the results.
 """
 
 from __future__ import annotations
