@@ -29,6 +29,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.teacher.path = "smollm2-135m-instruct"  # HF dir, .gguf file or alias
   c.teacher.dtype = "float32"  # compute dtype
   c.teacher.param_dtype = "float32"
+  c.teacher.rules = ()  # extra logical-axis rules for the teacher only (after mesh.rules)
 
   c.student = ml_collections.ConfigDict()
   c.student.init = "prune"  # "path" (load student.path), "prune" (teacher layers), "fresh"

@@ -169,7 +169,8 @@ class Trainer:
     self.student = build_student(c, self.teacher)
     check_pair(self.teacher, self.student, self.tokenizer)
     self.encdec = steps.is_encoder_decoder(self.student)
-    sharding.shard_model(self.teacher, self.mesh, self.rules)
+    teacher_rules = sharding.make_rules(list(c.mesh.rules) + list(c.teacher.rules))
+    sharding.shard_model(self.teacher, self.mesh, teacher_rules)
     sharding.shard_model(self.student, self.mesh, self.rules)
     self.eos = [self.tokenizer.eos_id]
     self.pad = self.tokenizer.pad_id

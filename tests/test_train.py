@@ -220,3 +220,14 @@ def test_cli_rejects_bad_overrides(tmp_path):
   proc = _cli(tmp_path / "missing.py", tmp_path / "w")
   out = proc.communicate()[0]
   assert proc.returncode != 0 and "missing.py" in out
+
+
+def test_teacher_has_its_own_dtype_and_sharding_rules(tiny_dirs, tmp_path):
+  c = tiny_config(tiny_dirs / "teacher", **{"teacher.param_dtype": "bfloat16",
+                                            "teacher.rules": (("vocab", None),)})
+  tr = train.Trainer(config_lib.validate(c), str(tmp_path))
+  tr.setup()
+  t_embed, s_embed = tr.teacher.embed[...], tr.student.embed[...]
+  assert t_embed.dtype == np.dtype("bfloat16") and s_embed.dtype == np.float32
+  assert t_embed.sharding.spec[0] is None  # the teacher's rule: vocab replicated
+  assert s_embed.sharding.spec[0] == "model"  # the student keeps the default rule
