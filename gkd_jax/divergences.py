@@ -140,14 +140,18 @@ def total_variation(student_logits, teacher_logits, *, temperature=1.0, vocab_si
   return 0.5 * jnp.sum(jnp.abs(jnp.exp(lt) - jnp.exp(ls)), axis=-1)
 
 
+def _skew(lp_a, lp_b, alpha: float):
+  """KL(A || alpha*A + (1-alpha)*B) from log-probs; alpha=0 is KL(A||B), alpha=1 is 0."""
+  if alpha == 1.0:
+    return jnp.zeros(lp_a.shape[:-1], jnp.float32)
+  return kl(lp_a, lp_b if alpha == 0.0 else _log_mix(alpha, lp_a, lp_b))
+
+
 def skew_kl(student_logits, teacher_logits, *, alpha=0.1, temperature=1.0, vocab_size=None):
   """Skew KL (DistiLLM): KL(P_T || alpha*P_T + (1-alpha)*P_S). alpha=0 is forward KL."""
   alpha = check_unit("alpha", alpha)
   ls, lt = _pair(student_logits, teacher_logits, temperature, vocab_size)
-  if alpha == 1.0:
-    return jnp.zeros(ls.shape[:-1], jnp.float32)
-  lm = ls if alpha == 0.0 else _log_mix(alpha, lt, ls)
-  return kl(lt, lm)
+  return _skew(lt, ls, alpha)
 
 
 def skew_reverse_kl(student_logits, teacher_logits, *, alpha=0.1, temperature=1.0,
@@ -155,10 +159,7 @@ def skew_reverse_kl(student_logits, teacher_logits, *, alpha=0.1, temperature=1.
   """Skew reverse KL (DistiLLM): KL(P_S || alpha*P_S + (1-alpha)*P_T). alpha=0 is reverse KL."""
   alpha = check_unit("alpha", alpha)
   ls, lt = _pair(student_logits, teacher_logits, temperature, vocab_size)
-  if alpha == 1.0:
-    return jnp.zeros(ls.shape[:-1], jnp.float32)
-  lm = lt if alpha == 0.0 else _log_mix(alpha, ls, lt)
-  return kl(ls, lm)
+  return _skew(ls, lt, alpha)
 
 
 _BY_NAME = {
