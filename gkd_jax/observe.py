@@ -216,7 +216,7 @@ class Progress:
         """The status text: ``loss=... tok/s=... eta=h:mm:ss`` (eta "?" before any step is done)."""
         parts = []
         if loss is not None:
-            parts.append(f"loss={loss:.4f}")
+            parts.append(f"loss={loss:.4g}")  # 4 significant digits: tiny losses stay visible
         if tokens_per_s is not None:
             parts.append(f"tok/s={_si(tokens_per_s)}")
         done, elapsed = step - self.start, time.monotonic() - self._t0

@@ -120,7 +120,8 @@ def test_progress_shows_step_loss_rate_and_eta(use_tqdm):
     p.close()
     text = out.getvalue()
     assert "eta=?" in text  # nothing done yet at the first update
-    assert "8/20" in text and "loss=1.2346" in text and "tok/s=12.3k" in text and "eta=0:00:30" in text
+    assert "loss=0.0001234" in p.describe(9, loss=0.00012345)
+    assert "8/20" in text and "loss=1.235" in text and "tok/s=12.3k" in text and "eta=0:00:30" in text
 
 
 def test_progress_disabled_and_bad_args():
