@@ -235,10 +235,13 @@ def train_step(graphdef, params, opt_state, teacher_graphdef, teacher_params, vi
   """One optimizer update over ``grad_accum`` micro-batches -> (params, opt_state, metrics).
 
   view: the trained sequences (samples or dataset); ce_view: dataset sequences for
-  the optional cross-entropy term (same as view in SFT); advantages [B] for the
+  the optional cross-entropy term, None when they are the view's own sequences (the
+  student forward is then shared); advantages [B] for the
   sequence-reward policy gradient (zeros when unused). metrics: name -> (sum, count).
   """
   k = grad_accum
+  same = ce_view is None or spec.mode == "sft"
+  ce_view = view if ce_view is None else ce_view
   use_div = spec.mode == "gkd" and spec.rl_alpha > 0
   use_pg = spec.mode == "gkd" and spec.rl_alpha < 1
   use_ce = spec.mode == "sft" or spec.ce_weight > 0
@@ -268,7 +271,7 @@ def train_step(graphdef, params, opt_state, teacher_graphdef, teacher_params, vi
       total += (1.0 - spec.rl_alpha) * p_sum / n_pg
       terms["pg"] = p_sum
     if use_ce:
-      c = s if spec.mode == "sft" else hidden_and_head(student, mce)
+      c = s if same else hidden_and_head(student, mce)
       c_sum = ce_sum(c, mce, spec)
       total += (1.0 if spec.mode == "sft" else spec.ce_weight) * c_sum / n_ce
       terms["ce"] = c_sum

@@ -236,14 +236,14 @@ class Trainer:
 
   # -- one step -----------------------------------------------------------------------
   def make_views(self, batch, step, sft=False):
-    """-> (view, ce_view, advantages, source) for the step's data source."""
+    """-> (view, ce_view or None (= the view's sequences), advantages, source)."""
     c, g = self.config, self.config.gkd
     data_view = steps.batch_view(batch, self.encdec, self.pad)
     if c.mode == "sft" or sft:
-      return data_view, data_view, jnp.zeros(c.data.batch_size), "sft"
+      return data_view, None, jnp.zeros(c.data.batch_size), "sft"
     source = step_source(c.seed, step, g.lmbda, g.seq_kd)
-    if source == "dataset":
-      return data_view, data_view, jnp.zeros(c.data.batch_size), source
+    if source == "dataset":  # ce_view None: the CE term reuses the view's forward
+      return data_view, None, jnp.zeros(c.data.batch_size), source
     prompts, lengths = batch["prompt_tokens"], batch["prompt_lengths"]
     spp = c.rl.samples_per_prompt
     if spp > 1:

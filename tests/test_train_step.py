@@ -39,7 +39,8 @@ def setup():
   return mesh, teacher, batch
 
 
-def _run(setup, spec, steps_n=15, lr=1e-2, on_policy=False, advantages=None, grad_accum=1):
+def _run(setup, spec, steps_n=15, lr=1e-2, on_policy=False, advantages=None, grad_accum=1,
+         share_ce=False):
   mesh, teacher, batch = setup
   student = Llama(STUDENT, rngs=nnx.Rngs(1))
   sharding.shard_model(student, mesh)
@@ -60,7 +61,8 @@ def _run(setup, spec, steps_n=15, lr=1e-2, on_policy=False, advantages=None, gra
                                                   "optimizer", "grad_accum"))
   losses = []
   for _ in range(steps_n):
-    params, opt_state, m = fn(gd, params, opt_state, tg, tp, view, view, adv, spec=spec,
+    params, opt_state, m = fn(gd, params, opt_state, tg, tp, view, None if share_ce else view,
+                              adv, spec=spec,
                               optimizer=opt, grad_accum=grad_accum)
     losses.append(float(m["loss"][0]))
   return losses, params, m
@@ -146,3 +148,13 @@ def test_on_policy_fraction_is_lmbda(lmbda):
   assert train.step_source(7, 11, lmbda, False) == train.step_source(7, 11, lmbda, False)
   if lmbda < 1:
     assert {train.step_source(7, s, lmbda, True) for s in range(50)} >= {"teacher"}
+
+
+def test_shared_ce_forward_equals_a_separate_one(setup):
+  """ce_view=None (CE on the view's own sequences) reuses the forward: same numbers."""
+  spec = CASES["fkl_ce"]
+  sep, p1, _ = _run(setup, spec, steps_n=3)
+  shared, p2, _ = _run(setup, spec, steps_n=3, share_ce=True)
+  np.testing.assert_allclose(shared, sep, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):  # summation order only: 3 Adam
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)  # steps at lr 1e-2
