@@ -47,8 +47,17 @@ class SampleConfig:
   top_p: float = 1.0
   eos_ids: tuple[int, ...] = ()
   pad_id: int = 0
+  dot_dtype: str | None = None
 
   def __post_init__(self):
+    if self.dot_dtype is not None:
+      try:
+        name = jnp.dtype(self.dot_dtype).name
+      except TypeError as e:
+        raise ValueError(f"dot_dtype: unknown dtype {self.dot_dtype!r}") from e
+      if not jnp.issubdtype(jnp.dtype(name), jnp.floating):
+        raise ValueError(f"dot_dtype must be a float dtype (e.g. 'bfloat16'), got {name}")
+      object.__setattr__(self, "dot_dtype", name)
     if not isinstance(self.max_new_tokens, (int, np.integer)) or self.max_new_tokens <= 0:
       raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
     if not self.temperature >= 0:
@@ -142,9 +151,25 @@ def _decode_loop(step_fn, first_logits_BxV, carry, rng, cfg: SampleConfig):
   return Samples(toks, mask, mask.sum(1).astype(jnp.int32), logps)
 
 
+def with_dot_dtype(graphdef, state, dot_dtype):
+  """Merges the model with ``cfg.dot_dtype = dot_dtype`` and its matrices (>= 2-D
+  float params) cast to dot_dtype once, up front. The cast changes no number: the
+  model rounds every matrix to dot_dtype where it uses it; doing it once here means
+  the decode loop reads half the bytes (bfloat16) instead of converting every step."""
+  if dot_dtype is None:
+    return nnx.merge(graphdef, state)
+  dt = jnp.dtype(dot_dtype)
+  cast = lambda a: a.astype(dt) if a.ndim >= 2 and jnp.issubdtype(a.dtype, jnp.floating) else a
+  model = nnx.merge(graphdef, jax.tree.map(cast, state))
+  for _, m in nnx.iter_modules(model):
+    if dataclasses.is_dataclass(getattr(m, "cfg", None)):
+      m.cfg = dataclasses.replace(m.cfg, dot_dtype=dt.name)
+  return model
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
 def _sample(graphdef, state, prompt_BxP, lengths_B, rng, cfg: SampleConfig):
-  model = nnx.merge(graphdef, state)
+  model = with_dot_dtype(graphdef, state, cfg.dot_dtype)
   b, p = prompt_BxP.shape
   if is_encoder_decoder(model):
     enc_mask = jnp.arange(p)[None, :] < lengths_B[:, None]
@@ -193,7 +218,7 @@ def check_prompts(model, prompt_tokens, prompt_lengths, max_new_tokens):
 
 
 def sample(model, prompt_tokens, prompt_lengths, *, rng, max_new_tokens, temperature=1.0,
-           top_k=0, top_p=1.0, eos_ids=None, pad_id=0) -> Samples:
+           top_k=0, top_p=1.0, eos_ids=None, pad_id=0, dot_dtype=None) -> Samples:
   """Samples ``max_new_tokens`` continuations for a batch of right-padded prompts.
 
   Args:
@@ -203,13 +228,20 @@ def sample(model, prompt_tokens, prompt_lengths, *, rng, max_new_tokens, tempera
     rng: a PRNG key; step i uses ``fold_in(rng, i)``.
     temperature: 0 = greedy; top_k 0 = off; top_p 1 = off.
     eos_ids: int or iterable of ints; None = never stop early.
+    dot_dtype: None (the model's own numerics) or e.g. "bfloat16": sample from the
+      model with every matmul's inputs (weights, KV cache) rounded to bfloat16, float32
+      accumulation and float32 attention, as a TPU does by default; about 2x faster on CPUs with
+      AVX512-BF16/AMX. Decoder-only models only.
   Returns: ``Samples`` (tokens, mask, lengths, logprobs), each ``[B, max_new_tokens]``
   (lengths ``[B]``).
   """
   if isinstance(eos_ids, (int, np.integer)):
     eos_ids = (int(eos_ids),)
   cfg = SampleConfig(max_new_tokens, float(temperature), top_k, float(top_p),
-                     tuple(int(e) for e in (eos_ids or ())), int(pad_id))
+                     tuple(int(e) for e in (eos_ids or ())), int(pad_id), dot_dtype)
+  if dot_dtype is not None and not hasattr(model.cfg, "dot_dtype"):
+    raise ValueError(f"dot_dtype={dot_dtype!r}: {type(model).__name__} has no dot_dtype "
+                     "policy; use dot_dtype=None")
   prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
   prompt_lengths_arr = jnp.asarray(prompt_lengths, jnp.int32)
   check_prompts(model, prompt_tokens, prompt_lengths if isinstance(prompt_lengths, jax.core.Tracer)
@@ -242,10 +274,11 @@ class BeamConfig:
 
 
 def _cache_take(cache, rows):
-  """Reorders the batch rows of a model cache (k/v: axis 1, kv_mask: axis 0)."""
+  """Reorders the batch rows of a model cache: k/v leaves are [B,K,S,Dh] per layer
+  or stacked [L,B,...] (batch axis = ndim - 4); kv_mask [B,S]."""
   out = dict(cache)
   for name in ("k", "v"):
-    out[name] = jnp.take(cache[name], rows, axis=1)
+    out[name] = jax.tree.map(lambda a: jnp.take(a, rows, axis=a.ndim - 4), cache[name])
   if "kv_mask" in cache:
     out["kv_mask"] = jnp.take(cache["kv_mask"], rows, axis=0)
   return out

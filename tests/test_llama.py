@@ -109,7 +109,11 @@ def test_kv_cache_decode_matches_full_forward(qwen_pair, scan):
     full = model(tokens, mask_BxT=mask)
     step = nnx.jit(lambda m, t, c, mk: m.forward_with_cache(t, c, mask_BxT=mk))
     cache = model.init_cache(3, 12)
-    assert cache["k"].shape == (cfg.n_layers, 3, 12, cfg.n_kv_heads, cfg.head_dim)
+    layer_shape = (3, cfg.n_kv_heads, 12, cfg.head_dim)
+    if scan:  # stacked
+      assert cache["k"].shape == (cfg.n_layers,) + layer_shape
+    else:  # one array per layer
+      assert [a.shape for a in cache["k"]] == [layer_shape] * cfg.n_layers
     logits, cache = step(model, tokens[:, :4], cache, mask[:, :4])  # prefill
     outs = [logits]
     for i in range(4, 9):  # one-token decode

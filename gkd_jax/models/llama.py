@@ -37,6 +37,10 @@ class LlamaConfig:
     "original_max_position_embeddings"}; stored as a sorted tuple of items.
   sliding_window: None or Mistral-style window (key slot > query slot - window).
   param_dtype / dtype: parameter storage / compute dtype names; logits are float32.
+  dot_dtype: None (= dtype) or the dtype both inputs of every weight matmul are
+    rounded to (the embedding table and tied head included); accumulation is float32
+    and results return to dtype. Attention and its KV cache stay in dtype. "bfloat16" with float32 dtype is a TPU's default matmul
+    precision, and on CPUs with AVX512-BF16/AMX it halves the bytes read per step.
   """
 
   vocab_size: int
@@ -56,6 +60,7 @@ class LlamaConfig:
   max_seq_len: int = 2048
   param_dtype: Any = "float32"
   dtype: Any = "float32"
+  dot_dtype: Any = None
   remat: bool = False
   scan_layers: bool = False
 
@@ -80,7 +85,9 @@ class LlamaConfig:
     if self.sliding_window is not None and not self.sliding_window > 0:
       raise ValueError("LlamaConfig.sliding_window must be None or > 0, got "
                        f"{self.sliding_window!r}")
-    for f in ("param_dtype", "dtype"):
+    for f in ("param_dtype", "dtype", "dot_dtype"):
+      if getattr(self, f) is None:
+        continue
       try:
         name = jnp.dtype(getattr(self, f)).name
       except TypeError as e:
@@ -103,6 +110,11 @@ class LlamaConfig:
       rs = {k: v for k, v in rs.items() if k in need}
       rs["rope_type"] = kind
       object.__setattr__(self, "rope_scaling", tuple(sorted(rs.items())))
+
+  @property
+  def matmul_dtype(self) -> str:
+    """dtype of every matmul's inputs: dot_dtype, else the compute dtype."""
+    return self.dot_dtype or self.dtype
 
   @property
   def rope_scaling_dict(self) -> dict | None:
@@ -162,17 +174,28 @@ def attention_mask(kv_mask_BxS, q_slots_T, sliding_window=None):
   return kv_mask_BxS[:, None, :] & allowed_TxS[None]
 
 
-def gqa_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxTxS):
-  """Grouped-query softmax attention; scores and softmax in float32."""
+def dot(eq, x, w, dtype):
+  """einsum(eq, x, w) with both inputs cast to `dtype`, float32 accumulation, result
+  in x's dtype (bf16 x bf16 -> f32 is the fast path of CPU and TPU matmul units)."""
+  return jnp.einsum(eq, x.astype(dtype), w.astype(dtype),
+                    preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def gqa_attention(q_BxTxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxTxS, dtype=jnp.float32):
+  """Grouped-query softmax attention -> [B, T, H, Dh] in `dtype`.
+
+  Keys/values are [B, K, S, Dh] (the KV cache's layout, read in place). Scores and
+  softmax in float32; both matmuls take inputs in `dtype`.
+  """
   b, t, h, dh = q_BxTxHxDh.shape
-  k = k_BxSxKxDh.shape[2]
-  q_BxTxKxGxDh = q_BxTxHxDh.reshape(b, t, k, h // k, dh)
-  s_BxKxGxTxS = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxDh, k_BxSxKxDh,
+  k = k_BxKxSxDh.shape[1]
+  q_BxTxKxGxDh = q_BxTxHxDh.reshape(b, t, k, h // k, dh).astype(dtype)
+  s_BxKxGxTxS = jnp.einsum("btkgd,bksd->bkgts", q_BxTxKxGxDh, k_BxKxSxDh.astype(dtype),
                            preferred_element_type=jnp.float32) * (dh ** -0.5)
   s_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], s_BxKxGxTxS, _NEG_INF)
-  p_BxKxGxTxS = jax.nn.softmax(s_BxKxGxTxS, axis=-1).astype(v_BxSxKxDh.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", p_BxKxGxTxS, v_BxSxKxDh)
-  return out.reshape(b, t, h, dh)
+  p_BxKxGxTxS = jax.nn.softmax(s_BxKxGxTxS, axis=-1).astype(dtype)
+  out_BxKxGxTxDh = jnp.einsum("bkgts,bksd->bkgtd", p_BxKxGxTxS, v_BxKxSxDh.astype(dtype))
+  return out_BxKxGxTxDh.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
 
 
 def softcap(logits, cap):
@@ -223,35 +246,49 @@ class Block(nnx.Module):
   def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, inv_freq, kv=None, index=None):
     """Returns (x_BxTxD, (k, v)).
 
-    kv=None: keys are this call's T tokens; returns this call's k, v [B,T,K,Dh].
-    kv=(k_LxBxSxKxDh, v_LxBxSxKxDh, layer): writes the T new keys/values of this
-    layer at slots [index, index+T) of the full cache, in place, and attends over
-    the layer's slots; returns the updated full cache.
+    kv=None: keys are this call's T tokens; returns this call's k, v [B,K,T,Dh].
+    kv=(k_BxKxSxDh, v_BxKxSxDh, None) (this layer's cache) or (k_LxBxKxSxDh,
+    v_LxBxKxSxDh, layer) (stacked, under scan_layers): writes the T new keys/values
+    at slots [index, index+T) in place and attends over the layer's S slots;
+    returns the updated cache as given.
     """
-    cfg, dt = self.cfg, x_BxTxD.dtype
+    cfg, mm = self.cfg, jnp.dtype(self.cfg.matmul_dtype)
     h_BxTxD = rms_norm(x_BxTxD, self.attn_norm[...], cfg.rms_eps)
-    q = jnp.einsum("btd,dhk->bthk", h_BxTxD, self.wq[...].astype(dt))
-    k = jnp.einsum("btd,dhk->bthk", h_BxTxD, self.wk[...].astype(dt))
-    v = jnp.einsum("btd,dhk->bthk", h_BxTxD, self.wv[...].astype(dt))
+    q = dot("btd,dhk->bthk", h_BxTxD, self.wq[...], mm)
+    k = dot("btd,dhk->bthk", h_BxTxD, self.wk[...], mm)
+    v = dot("btd,dhk->bthk", h_BxTxD, self.wv[...], mm)
     if cfg.qkv_bias:
+      dt = x_BxTxD.dtype
       q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
     q = apply_rope(q, positions_BxT, inv_freq)
     k = apply_rope(k, positions_BxT, inv_freq)
-    if kv is not None:
+    # keys/values as attention (and a KV cache) holds them: [B,K,T,Dh]
+    k_BxKxTxDh, v_BxKxTxDh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    if kv is not None:  # write the T new slots in place, attend over the whole cache
       k_cache, v_cache, layer = kv
-      start = (layer, 0, index, 0, 0)
-      k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype)[None], start)
-      v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype)[None], start)
-      k, v = k_cache[layer], v_cache[layer]
-    out_BxTxHxDh = gqa_attention(q, k.astype(dt), v.astype(dt), mask_BxTxS)
-    x_BxTxD = x_BxTxD + jnp.einsum("bthk,hkd->btd", out_BxTxHxDh, self.wo[...].astype(dt))
+      if layer is None:  # this layer's own cache [B,K,S,Dh]
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k_BxKxTxDh.astype(k_cache.dtype),
+                                               (0, 0, index, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v_BxKxTxDh.astype(v_cache.dtype),
+                                               (0, 0, index, 0))
+        k_BxKxTxDh, v_BxKxTxDh = k_cache, v_cache
+      else:  # stacked [L,B,K,S,Dh] (scan over layers)
+        start = (layer, 0, 0, index, 0)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k_BxKxTxDh.astype(k_cache.dtype)[None],
+                                               start)
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v_BxKxTxDh.astype(v_cache.dtype)[None],
+                                               start)
+        k_BxKxTxDh, v_BxKxTxDh = k_cache[layer], v_cache[layer]
+    # attention runs in the compute dtype (CPU XLA has no fast batched bf16 matmul)
+    out_BxTxHxDh = gqa_attention(q, k_BxKxTxDh, v_BxKxTxDh, mask_BxTxS, x_BxTxD.dtype)
+    x_BxTxD = x_BxTxD + dot("bthk,hkd->btd", out_BxTxHxDh, self.wo[...], mm)
 
     h_BxTxD = rms_norm(x_BxTxD, self.mlp_norm[...], cfg.rms_eps)
-    gate_BxTxF = jnp.einsum("btd,df->btf", h_BxTxD, self.w_gate[...].astype(dt))
-    up_BxTxF = jnp.einsum("btd,df->btf", h_BxTxD, self.w_up[...].astype(dt))
-    x_BxTxD = x_BxTxD + jnp.einsum("btf,fd->btd", jax.nn.silu(gate_BxTxF) * up_BxTxF,
-                                   self.w_down[...].astype(dt))
-    return x_BxTxD, ((k_cache, v_cache) if kv is not None else (k, v))
+    gate_BxTxF = dot("btd,df->btf", h_BxTxD, self.w_gate[...], mm)
+    up_BxTxF = dot("btd,df->btf", h_BxTxD, self.w_up[...], mm)
+    x_BxTxD = x_BxTxD + dot("btf,fd->btd", jax.nn.silu(gate_BxTxF) * up_BxTxF,
+                            self.w_down[...], mm)
+    return x_BxTxD, ((k_cache, v_cache) if kv is not None else (k_BxKxTxDh, v_BxKxTxDh))
 
 
 def _run_block(graphdef, state, x, positions, mask, inv_freq, kv, index):
@@ -288,9 +325,10 @@ class Llama(nnx.Module):
     return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
 
   def logits_from_hidden(self, h_BxTxD):
-    """softcap(h @ W) in float32 (W cast to h's dtype, float32 accumulation)."""
-    w_DxV = self.head().astype(h_BxTxD.dtype)
-    logits = jnp.einsum("btd,dv->btv", h_BxTxD, w_DxV, preferred_element_type=jnp.float32)
+    """softcap(h @ W) in float32 (inputs in cfg.matmul_dtype, float32 accumulation)."""
+    mm = jnp.dtype(self.cfg.matmul_dtype)
+    logits = jnp.einsum("btd,dv->btv", h_BxTxD.astype(mm), self.head().astype(mm),
+                        preferred_element_type=jnp.float32)
     return softcap(logits.astype(jnp.float32), self.cfg.final_logit_softcap)
 
   def hidden_states(self, tokens_BxT, *, mask_BxT=None, positions_BxT=None):
@@ -307,12 +345,19 @@ class Llama(nnx.Module):
     return self.logits_from_hidden(h)
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
-    """Empty KV cache: k, v [L,B,S,K,Dh]; kv_mask [B,S] bool; index int32 scalar."""
+    """Empty KV cache (default dtype: the compute dtype): kv_mask [B,S] bool; index
+    int32 scalar; k, v a tuple of L
+    arrays [B,K,S,Dh] (one per layer, so attention reads each in place), or under
+    cfg.scan_layers one stacked [L,B,K,S,Dh] array each."""
     cfg = self.cfg
-    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
     dtype = jnp.dtype(dtype or cfg.dtype)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "kv_mask": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32)}
+    if cfg.scan_layers:
+      kv = lambda: jnp.zeros((cfg.n_layers,) + shape, dtype)
+    else:
+      kv = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+    return {"k": kv(), "v": kv(), "kv_mask": jnp.zeros((batch, max_len), bool),
+            "index": jnp.zeros((), jnp.int32)}
 
   def forward_with_cache(self, tokens_BxT, cache, *, mask_BxT=None, positions_BxT=None,
                          last_only=False):
@@ -326,7 +371,7 @@ class Llama(nnx.Module):
     Returns (logits_BxTxV float32, new_cache); with last_only, logits_Bx1xV of the
     last position only (what a sampler's prefill needs).
     """
-    s = cache["k"].shape[2]
+    s = cache["kv_mask"].shape[1]
     t = tokens_BxT.shape[1]
     if t > s:
       raise ValueError(f"forward_with_cache: {t} new tokens do not fit a cache of length {s}")
@@ -360,10 +405,12 @@ class Llama(nnx.Module):
     return mask_BxT, positions_BxT
 
   def _embed(self, tokens_BxT):
-    return jnp.take(self.embed[...], tokens_BxT, axis=0).astype(jnp.dtype(self.cfg.dtype))
+    """Rows of the table as the head reads it (rounded to matmul_dtype), in dtype."""
+    rows = jnp.take(self.embed[...], tokens_BxT, axis=0)
+    return rows.astype(jnp.dtype(self.cfg.matmul_dtype)).astype(jnp.dtype(self.cfg.dtype))
 
   def _layers(self, x_BxTxD, positions_BxT, mask_BxTxS, k_cache, v_cache, index):
-    """Runs all blocks; with a cache returns the updated k, v [L,B,S,K,Dh]."""
+    """Runs all blocks; with a cache returns the updated k, v (as init_cache)."""
     cfg = self.cfg
     inv_freq = rope_inv_freq(cfg)
     run = _run_block
@@ -385,10 +432,13 @@ class Llama(nnx.Module):
           body, (x_BxTxD, k_cache, v_cache), (state, jnp.arange(cfg.n_layers)))
       return x_BxTxD, (k_cache, v_cache)
 
+    new_k, new_v = [], []
     for i, block in enumerate(self.layers):
       graphdef, state = nnx.split(block)
-      kv = (k_cache, v_cache, i) if has_cache else None
+      kv = (k_cache[i], v_cache[i], None) if has_cache else None
       x_BxTxD, (k, v) = run(graphdef, state, x_BxTxD, positions_BxT, mask_BxTxS, inv_freq, kv, index)
-      if has_cache:
-        k_cache, v_cache = k, v
+      new_k.append(k)
+      new_v.append(v)
+    if has_cache:
+      k_cache, v_cache = tuple(new_k), tuple(new_v)
     return x_BxTxD, (k_cache, v_cache)
