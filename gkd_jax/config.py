@@ -57,6 +57,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.gkd.lmbda = 0.5  # probability of an on-policy (student-sampled) batch
   c.gkd.seq_kd = False  # off-policy batches use teacher samples instead of dataset targets
   c.gkd.sample_temperature = 1.0
+  c.gkd.sample_dot_dtype = ""  # "" = the model's own numerics; "bfloat16": bf16 matmul inputs
   c.gkd.max_new_tokens = 64
   c.gkd.top_k = 0
   c.gkd.top_p = 1.0
@@ -174,6 +175,8 @@ def validate(config) -> ml_collections.ConfigDict:
     positive(k, integer=False)
     need(k, math.isfinite(get(k)), "finite")
   positive("gkd.sample_temperature", integer=False)
+  need("gkd.sample_dot_dtype", config.gkd.sample_dot_dtype in ("", "float32", "bfloat16", "float16"),
+       "'' (the model's own numerics), 'float32', 'bfloat16' or 'float16'")
   positive("eval.temperature", integer=False, zero=True)
   positive("gkd.ce_weight", integer=False, zero=True)
   positive("optim.weight_decay", integer=False, zero=True)

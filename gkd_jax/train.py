@@ -81,7 +81,7 @@ def build_student(c, teacher):
   return student
 
 
-def check_pair(teacher, student, tokenizer):
+def check_pair(teacher, student, tokenizer, sample_dot_dtype=""):
   tv, sv = teacher.cfg.vocab_size, student.cfg.vocab_size
   if tv != sv:
     raise ValueError(f"teacher and student vocabularies differ ({tv} vs {sv}): token-level "
@@ -91,6 +91,9 @@ def check_pair(teacher, student, tokenizer):
   if tokenizer is not None and tokenizer.vocab_size > tv:
     raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the models only "
                      f"{tv} logits")
+  if sample_dot_dtype and steps.is_encoder_decoder(student):
+    raise ValueError(f"gkd.sample_dot_dtype={sample_dot_dtype!r} is for decoder-only models; "
+                     "set it to '' for encoder-decoder (T5) runs")
 
 
 def step_source(seed: int, step: int, lmbda: float, seq_kd: bool) -> str:
@@ -167,7 +170,7 @@ class Trainer:
     if self.tokenizer is None:
       raise ValueError(f"teacher {c.teacher.path!r} has no tokenizer files; the trainer needs one")
     self.student = build_student(c, self.teacher)
-    check_pair(self.teacher, self.student, self.tokenizer)
+    check_pair(self.teacher, self.student, self.tokenizer, c.gkd.sample_dot_dtype)
     self.encdec = steps.is_encoder_decoder(self.student)
     teacher_rules = sharding.make_rules(list(c.mesh.rules) + list(c.teacher.rules))
     sharding.shard_model(self.teacher, self.mesh, teacher_rules)
@@ -257,7 +260,8 @@ class Trainer:
       nnx.update(self.student, self.params)
     out = sampling.sample(model, prompts, lengths, rng=jax.random.fold_in(self.key, step),
                           max_new_tokens=g.max_new_tokens, temperature=g.sample_temperature,
-                          top_k=g.top_k, top_p=g.top_p, eos_ids=self.eos, pad_id=self.pad)
+                          top_k=g.top_k, top_p=g.top_p, eos_ids=self.eos, pad_id=self.pad,
+                          dot_dtype=g.sample_dot_dtype or None)
     view = steps.samples_view(prompts, lengths, out.tokens, out.mask, self.encdec, self.pad)
     adv = jnp.zeros(prompts.shape[0])
     if self.reward_fn is not None:

@@ -275,3 +275,42 @@ def test_orbax_round_trip(tmp_path):
     checkpoint.restore_params(Llama(dataclasses.replace(cfg, n_layers=3), rngs=nnx.Rngs(0)), path)
   with pytest.raises(ValueError, match="'embed' has shape"):
     checkpoint.restore_params(Llama(dataclasses.replace(cfg, vocab_size=64), rngs=nnx.Rngs(0)), path)
+
+
+def _round_bf16(x):
+  return x.to(torch.bfloat16).to(torch.float32)
+
+
+def test_dot_dtype_matches_transformers_with_bf16_rounded_matmul_inputs(pair):
+  """dot_dtype='bfloat16' == HF float32 with every matrix and every Linear input rounded
+  to bfloat16 (attention and norms float32), and != plain float32."""
+  hf, ours = pair
+  hf = type(hf)(hf.config).eval()
+  hf.load_state_dict(pair[0].state_dict())
+  with torch.no_grad():
+    for p in hf.parameters():
+      if p.ndim >= 2:
+        p.copy_(_round_bf16(p))
+  hooks = [m.register_forward_pre_hook(lambda mod, args: (_round_bf16(args[0]),))
+           for m in hf.modules() if isinstance(m, torch.nn.Linear)]
+  tokens, mask = _tokens(3, 9), RIGHT_MASK
+  try:
+    ref = _hf_logits(hf, tokens, mask)
+  finally:
+    for h in hooks:
+      h.remove()
+  cfg = dataclasses.replace(ours.cfg, dot_dtype="bfloat16")
+  half = convert_llama.model_from_flat(cfg, convert_llama.flat_params(ours))
+  got = half(jnp.asarray(tokens), mask_BxT=jnp.asarray(mask))
+  f32 = ours(jnp.asarray(tokens), mask_BxT=jnp.asarray(mask))
+  scale = np.abs(ref).max()
+  # ~1e-7 relative, up to ~2e-4 where a float32 ulp upstream flips a bf16 rounding;
+  # plain float32 is 3e-3..6e-3 away, so ignoring dot_dtype fails
+  assert _max_diff(got, ref, mask) < 5e-4 * scale
+  assert _max_diff(f32, ref, mask) > 10 * _max_diff(got, ref, mask)
+
+
+def test_dot_dtype_validation():
+  with pytest.raises(ValueError, match="dot_dtype"):
+    LlamaConfig(vocab_size=8, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=4,
+                mlp_dim=8, dot_dtype="int8")

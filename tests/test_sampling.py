@@ -264,3 +264,33 @@ def test_beam_bad_input(llama):
     sampling.beam_search(llama, PROMPTS, LENS, beam_size=0, max_new_tokens=3)
   with pytest.raises(ValueError, match="max_new_tokens"):
     sampling.beam_search(llama, PROMPTS, LENS, beam_size=2, max_new_tokens=0)
+
+
+def test_dot_dtype_precast_changes_no_number(llama):
+  """sample(dot_dtype='bfloat16') pre-casts the matrices once; it must equal sampling
+  a model whose own cfg says dot_dtype='bfloat16' (rounding at every use), and that
+  model's greedy tokens equal its cache-free argmax reference."""
+  import dataclasses
+  half = Llama(dataclasses.replace(CFG, dot_dtype="bfloat16"), rngs=nnx.Rngs(0))
+  for t in (0.0, 1.0):
+    args = dict(rng=jax.random.PRNGKey(3), max_new_tokens=10, temperature=t)
+    fast = sample(llama, PROMPTS, LENS, dot_dtype="bfloat16", **args)
+    slow = sample(half, PROMPTS, LENS, **args)
+    np.testing.assert_array_equal(fast.tokens, slow.tokens)
+    np.testing.assert_allclose(fast.logprobs, slow.logprobs, atol=1e-6)
+  f32 = sample(llama, PROMPTS, LENS, rng=jax.random.PRNGKey(3), max_new_tokens=10)
+  assert np.abs(np.asarray(f32.logprobs) - np.asarray(fast.logprobs)).max() > 1e-5
+  greedy = sample(llama, PROMPTS, LENS, rng=jax.random.PRNGKey(0), max_new_tokens=10,
+                  temperature=0, dot_dtype="bfloat16")
+  for b in range(3):
+    assert np.asarray(greedy.tokens[b]).tolist() == _greedy_reference(half, PROMPTS[b, :LENS[b]], 10)
+
+
+def test_dot_dtype_bad_input(llama):
+  for bad in ("int8", "nonsense"):
+    with pytest.raises(ValueError, match="dot_dtype"):
+      sample(llama, PROMPTS, LENS, rng=jax.random.PRNGKey(0), max_new_tokens=2, dot_dtype=bad)
+  t5 = T5(T5Config(vocab_size=32, d_model=16, d_kv=4, n_heads=2, d_ff=32, n_encoder_layers=1,
+                   n_decoder_layers=1, rel_buckets=8, rel_max_distance=16), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="dot_dtype"):
+    sample(t5, PROMPTS, LENS, rng=jax.random.PRNGKey(0), max_new_tokens=2, dot_dtype="bfloat16")

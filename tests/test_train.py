@@ -57,8 +57,8 @@ def tiny_config(teacher_dir, **overrides):
 MODES = {
     "lmbda0": ({"gkd.lmbda": 0.0}, {"dataset"}),
     "lmbda_half": ({"gkd.lmbda": 0.5, "train.steps": 4}, {"dataset", "on_policy"}),
-    "lmbda1_atkd_fused": ({"gkd.lmbda": 1.0, "gkd.loss": "atkd", "gkd.fused": True},
-                          {"on_policy"}),
+    "lmbda1_atkd_fused_bf16_sampling": ({"gkd.lmbda": 1.0, "gkd.loss": "atkd", "gkd.fused": True,
+                                         "gkd.sample_dot_dtype": "bfloat16"}, {"on_policy"}),
     "seq_kd_rkl": ({"gkd.lmbda": 0.0, "gkd.seq_kd": True, "gkd.loss": "rkl"}, {"teacher"}),
     "rl_rouge_groups": ({"gkd.lmbda": 1.0, "rl.alpha": 0.5, "rl.reward": "rouge",
                          "rl.samples_per_prompt": 2}, {"on_policy"}),
@@ -184,6 +184,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(tiny_dirs, tmp
     ({"gkd.beta": -0.1}, "config.gkd.beta"),
     ({"gkd.loss_temperature": 0.0}, "config.gkd.loss_temperature"),
     ({"gkd.loss": "kl"}, "config.gkd.loss = 'kl'"),
+    ({"gkd.sample_dot_dtype": "int8"}, "config.gkd.sample_dot_dtype = 'int8'"),
     ({"data.max_prompt_len": 0}, "config.data.max_prompt_len"),
     ({"rl.alpha": 0.5, "gkd.lmbda": 0.5}, "config.gkd.lmbda.*rl.alpha < 1"),
     ({"mesh.data": 3}, r"config.mesh \(data=3, fsdp=1, model=2\) does not fit the 8"),
@@ -231,3 +232,12 @@ def test_teacher_has_its_own_dtype_and_sharding_rules(tiny_dirs, tmp_path):
   assert t_embed.dtype == np.dtype("bfloat16") and s_embed.dtype == np.float32
   assert t_embed.sharding.spec[0] is None  # the teacher's rule: vocab replicated
   assert s_embed.sharding.spec[0] == "model"  # the student keeps the default rule
+
+
+def test_sample_dot_dtype_is_refused_for_encoder_decoder_before_training():
+  from gkd_jax.models.t5 import T5, T5Config
+  t5 = T5(T5Config(vocab_size=32, d_model=16, d_kv=4, n_heads=2, d_ff=32, n_encoder_layers=1,
+                   n_decoder_layers=1, rel_buckets=8, rel_max_distance=16), rngs=nnx.Rngs(0))
+  train.check_pair(t5, t5, None)  # fine without it
+  with pytest.raises(ValueError, match="gkd.sample_dot_dtype='bfloat16' is for decoder-only"):
+    train.check_pair(t5, t5, None, "bfloat16")
