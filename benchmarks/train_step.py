@@ -1,12 +1,12 @@
 """Benchmark: one full on-policy GKD step for the demo's teacher/student pair.
 
-Teacher SmolLM2-135M-Instruct (30 layers), student its 10-layer pruned copy, batch 8
+Teacher SmolLM2-135M-Instruct (30 layers), student its pruned copy (the demo's keep_layers), batch 8
 ChatML prompts, 128 new tokens sampled by the student at temperature 1, JSD(0.5).
 Times (median of --repeats after a warm-up) are split into sampling, the teacher
 forward, and the student forward+backward+update (the jitted train step minus its
 teacher forward). tokens/s counts sampled tokens per second of the whole step.
 
-  python benchmarks/train_step.py [--batch 8] [--new 128] [--fused]
+  python benchmarks/train_step.py [--batch 8] [--new 128] [--fused] [--sample-dot-dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def main():
   ap.add_argument("--new", type=int, default=128)
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--fused", action="store_true", help="use the fused chunked head + loss")
+  ap.add_argument("--sample-dot-dtype", default="", help="gkd.sample_dot_dtype ('' or bfloat16)")
   a = ap.parse_args()
 
   import jax
@@ -65,7 +66,7 @@ def main():
 
   def do_sample():
     out = sampling.sample(student, prompts, lengths, rng=key, max_new_tokens=a.new,
-                          eos_ids=None, pad_id=tok.pad_id)
+                          eos_ids=None, pad_id=tok.pad_id, dot_dtype=a.sample_dot_dtype or None)
     return jax.block_until_ready(out)
 
   out = do_sample()
@@ -85,14 +86,15 @@ def main():
   print(f"on-policy GKD step: teacher 30 layers, student {len(c.student.keep_layers)} layers, "
         f"batch {a.batch}, {a.new} new tokens, sequence {view['tokens'].shape[1]}, "
         f"loss {c.gkd.loss}{' fused' if a.fused else ''}, {os.cpu_count()} CPU cores")
-  rows = [("sampling (student, lax.scan + KV cache)", t_sample),
+  how = f", {a.sample_dot_dtype} matmuls" if a.sample_dot_dtype else ""
+  rows = [(f"sampling (student, lax.scan + KV cache{how})", t_sample),
           ("teacher forward", t_teacher),
           ("student forward + backward + update", t_step - t_teacher),
           ("whole step", total)]
-  print(f"{'part':<42} {'seconds':>8} {'share':>7}")
-  print("-" * 59)
+  print(f"{'part':<58} {'seconds':>8} {'share':>7}")
+  print("-" * 75)
   for name, t in rows:
-    print(f"{name:<42} {t:>8.2f} {100 * t / total:>6.0f}%")
+    print(f"{name:<58} {t:>8.2f} {100 * t / total:>6.0f}%")
   print(f"sampled tokens/s over the whole step: {n_tok / total:.1f}")
 
 
