@@ -39,8 +39,9 @@ class LlamaConfig:
   param_dtype / dtype: parameter storage / compute dtype names; logits are float32.
   dot_dtype: None (= dtype) or the dtype both inputs of every weight matmul are
     rounded to (the embedding table and tied head included); accumulation is float32
-    and results return to dtype. Attention and its KV cache stay in dtype. "bfloat16" with float32 dtype is a TPU's default matmul
-    precision, and on CPUs with AVX512-BF16/AMX it halves the bytes read per step.
+    and results return to dtype. Attention and its KV cache stay in dtype.
+    "bfloat16" with float32 dtype is a TPU's default matmul precision; on CPUs with
+    AVX512-BF16/AMX it halves the bytes a decode step reads.
   """
 
   vocab_size: int
@@ -346,9 +347,8 @@ class Llama(nnx.Module):
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
     """Empty KV cache (default dtype: the compute dtype): kv_mask [B,S] bool; index
-    int32 scalar; k, v a tuple of L
-    arrays [B,K,S,Dh] (one per layer, so attention reads each in place), or under
-    cfg.scan_layers one stacked [L,B,K,S,Dh] array each."""
+    int32 scalar; k, v a tuple of L arrays [B,K,S,Dh] (one per layer, so attention
+    reads each in place), or under cfg.scan_layers one stacked [L,B,K,S,Dh] array."""
     cfg = self.cfg
     shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
     dtype = jnp.dtype(dtype or cfg.dtype)
