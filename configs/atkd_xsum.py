@@ -13,6 +13,6 @@ def get_config():
   c.gkd.loss = "atkd"
   c.gkd.easy_weight = 0.2
   c.gkd.hard_fraction = 0.5
-  c.gkd.atkd_split = "sequence"
+  c.gkd.atkd_split = "batch"
   c.gkd.atkd_base = "fkl"
   return c

@@ -7,13 +7,20 @@ probability and u = 1 - p_T(g) the teacher's uncertainty, KL splits exactly as
     TKD = KL([p_T(g), 1-p_T(g)] || [p_S(g), 1-p_S(g)])       (binary, target-oriented)
     DKD = KL(P_T(.|not g) || P_S(.|not g))                   (renormalised non-target)
 
-Tokens are ranked by u; the top ``hard_fraction`` of valid tokens are "hard".
+Hard tokens are the valid tokens with u >= threshold, the threshold being the lower
+median of u over the valid tokens (torch.median: the lower of the two middle values
+for an even count), so ties are hard; this is the official rule (WHU-ZQH/ATKD,
+``DistillTrainer.atkd``), which takes one threshold per batch (split "batch", the
+default; "sequence" applies it within each row). ``hard_fraction`` generalises the
+median to a lower quantile (see ``hard_mask``); 0.5 is the official rule.
 Easy tokens learn DKD only, hard ones TKD + DKD, and
 loss = easy_weight * mean_easy(DKD) + (1 - easy_weight) * mean_hard(TKD + DKD),
 each mean over its own tokens (an empty group contributes 0).
 """
 
 from __future__ import annotations
+
+from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
@@ -85,25 +92,42 @@ def decompose(student_logits, teacher_logits, targets, *, temperature=1.0, vocab
   return decompose_log_probs(ls, lt, targets)
 
 
-def hard_mask(uncertainty, mask, *, hard_fraction=0.5, split="sequence"):
-  """bool ``[B, T]``: the top floor(hard_fraction * n) valid tokens by uncertainty.
+def _quantile_index(n, hard_fraction):
+  """j = floor((1 - hard_fraction) * (n - 1)) for int counts ``n``, in exact int32 arithmetic.
 
-  n counts valid tokens per row (split "sequence") or in the whole batch ("batch").
-  Ties go to the earlier position (a stable sort). Static shapes: a rank is
-  computed by a double argsort; masked tokens are never hard.
+  hard_fraction is read as the nearest fraction with denominator <= 10^4 (exact for
+  up to 4 decimals, e.g. 0.3 -> 3/10), so float rounding never moves j.
+  """
+  f = Fraction(float(hard_fraction)).limit_denominator(10_000)
+  num, den = f.denominator - f.numerator, f.denominator  # 1 - hard_fraction = num / den
+  k = jnp.maximum(n - 1, 0)
+  return (k // den) * num + ((k % den) * num) // den  # no overflow for any int32 n
+
+
+def hard_mask(uncertainty, mask, *, hard_fraction=0.5, split="batch"):
+  """bool ``[B, T]``: valid tokens with u >= threshold (ties are hard).
+
+  With the n valid u values (per row for split "sequence", over the whole batch for
+  "batch") sorted ascending s_0..s_{n-1}, threshold = s_j, j = floor((1 -
+  hard_fraction) * (n - 1)). hard_fraction 0.5 is exactly the official rule, the lower
+  median (torch.median): n=4 -> s_1, n=5 -> s_2. The hard share is >= hard_fraction:
+  1 + ceil(hard_fraction * (n - 1)) tokens without ties, more with ties at s_j (ties
+  are hard). hard_fraction 1: all valid tokens are hard; 0: the tokens with the
+  maximal u (at least one; the official code always uses 0.5).
+  One valid token: it is hard; no valid tokens: none. Static shapes (a sort with
+  masked entries pushed to +inf), no gradient through u.
   """
   shape = uncertainty.shape
-  u, m = uncertainty, mask.astype(bool)
+  u, m = jax.lax.stop_gradient(uncertainty).astype(jnp.float32), mask.astype(bool)
   if split == "batch":
     u, m = u.reshape(1, -1), m.reshape(1, -1)
-  key = jnp.where(m, -jax.lax.stop_gradient(u).astype(jnp.float32), jnp.inf)
-  rank = jnp.argsort(jnp.argsort(key, axis=-1, stable=True), axis=-1, stable=True)
-  n = jnp.sum(m, axis=-1, keepdims=True).astype(jnp.float32)
-  k = jnp.floor(hard_fraction * n + 1e-3)  # small slack against float32 rounding
-  return ((rank < k) & m).reshape(shape)
+  srt = jnp.sort(jnp.where(m, u, jnp.inf), axis=-1)
+  j = _quantile_index(jnp.sum(m, axis=-1, keepdims=True, dtype=jnp.int32), hard_fraction)
+  threshold = jnp.take_along_axis(srt, j, axis=-1)  # +inf for a row without valid tokens
+  return (m & (u >= threshold)).reshape(shape)
 
 
-def atkd_weights(uncertainty, mask, *, easy_weight=0.2, hard_fraction=0.5, split="sequence"):
+def atkd_weights(uncertainty, mask, *, easy_weight=0.2, hard_fraction=0.5, split="batch"):
   """Per-token weights so that loss = sum(w_tkd * TKD + w_dkd * DKD).
 
   Depends on the teacher only (no gradient). Returns (w_tkd, w_dkd, hard), ``[B, T]``.
@@ -129,12 +153,13 @@ def metrics(parts, mask, hard):
 
 
 def atkd_loss(student_logits, teacher_logits, targets, mask, *, easy_weight=0.2,
-              hard_fraction=0.5, split="sequence", base="fkl", temperature=1.0,
+              hard_fraction=0.5, split="batch", base="fkl", temperature=1.0,
               vocab_size=None):
   """ATKD loss on logits ``[B, T, V]``, targets ``[B, T]`` int, mask ``[B, T]`` -> (loss, metrics).
 
-  base "rkl" swaps student and teacher inside TKD and DKD; the ranking still uses
-  the teacher's uncertainty. Masked tokens never change the loss.
+  base "rkl" swaps student and teacher inside TKD and DKD; the hard/easy split still
+  uses the teacher's uncertainty (as the official code). split "batch" (default): one
+  threshold over all valid tokens; "sequence": one per row. Masked tokens never change the loss.
   """
   check_params(easy_weight, hard_fraction, split, base)
   ls, lt = dv._pair(student_logits, teacher_logits, temperature, vocab_size)

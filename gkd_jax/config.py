@@ -71,7 +71,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.gkd.chunk_size = 1024
   c.gkd.easy_weight = 0.2  # atkd
   c.gkd.hard_fraction = 0.5  # atkd
-  c.gkd.atkd_split = "sequence"  # atkd
+  c.gkd.atkd_split = "batch"  # atkd: one u threshold per batch (official) | sequence
   c.gkd.atkd_base = "fkl"  # atkd
 
   c.rl = ml_collections.ConfigDict()

@@ -167,7 +167,7 @@ def fused_loss(student_hidden, student_head, teacher_hidden, teacher_head, mask,
                       jnp.zeros((n + pad,), jnp.float32))
     return total / jnp.maximum(count, 1.0), {"sum": total, "count": count}
 
-  p = {"easy_weight": 0.2, "hard_fraction": 0.5, "split": "sequence", "base": "fkl", **params}
+  p = {"easy_weight": 0.2, "hard_fraction": 0.5, "split": "batch", "base": "fkl", **params}
   at.check_params(**p)
   if p["split"] == "sequence" and mask.ndim != 2:
     raise ValueError(f"split 'sequence' needs [B, T] inputs, got mask shape {tuple(mask.shape)}")

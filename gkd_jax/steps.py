@@ -42,7 +42,7 @@ class LossSpec:
   chunk_size: int = 1024
   easy_weight: float = 0.2
   hard_fraction: float = 0.5
-  atkd_split: str = "sequence"
+  atkd_split: str = "batch"
   atkd_base: str = "fkl"
   rl_alpha: float = 1.0  # 1 = no policy gradient
   token_rkl_reward: bool = False

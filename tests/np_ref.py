@@ -1,5 +1,8 @@
 """Independent float64 NumPy references, written from the papers' formulas."""
 
+import math
+from fractions import Fraction
+
 import numpy as np
 
 
@@ -74,26 +77,35 @@ def tkd_dkd(s, t, targets, temperature=1.0, vocab_size=None, base="fkl"):
   return (np.array(tkd).reshape(shp), np.array(dkd).reshape(shp), np.array(u).reshape(shp))
 
 
-def hard_mask(u, mask, hard_fraction=0.5, split="sequence"):
-  """Brute force: sort each row's valid tokens by -u (stable: earlier first on ties)."""
+def atkd_hard_mask(u, mask, hard_fraction=0.5, split="batch"):
+  """The official ATKD rule by brute force: per group (the whole batch, or each row for
+  split "sequence") sort the valid u ascending; threshold = sorted[j] with j = (n-1)//2
+  for hard_fraction 0.5 (torch.median's lower middle), else floor((1-hf)*(n-1)) in
+  exact decimal arithmetic; hard = valid & (u >= threshold)."""
   u, mask = np.asarray(u, np.float64), np.asarray(mask, bool)
   shape = u.shape
   if split == "batch":
     u, mask = u.reshape(1, -1), mask.reshape(1, -1)
   hard = np.zeros(u.shape, bool)
   for r in range(u.shape[0]):
-    idx = [i for i in range(u.shape[1]) if mask[r, i]]
-    idx.sort(key=lambda i: (-u[r, i], i))
-    for i in idx[: int(hard_fraction * len(idx))]:
-      hard[r, i] = True
+    vals = sorted(float(u[r, i]) for i in range(u.shape[1]) if mask[r, i])
+    n = len(vals)
+    if n == 0:
+      continue
+    if hard_fraction == 0.5:
+      j = (n - 1) // 2
+    else:
+      j = math.floor((1 - Fraction(str(hard_fraction))) * (n - 1))
+    for i in range(u.shape[1]):
+      hard[r, i] = bool(mask[r, i]) and u[r, i] >= vals[j]
   return hard.reshape(shape)
 
 
-def atkd_loss(s, t, targets, mask, easy_weight=0.2, hard_fraction=0.5, split="sequence",
+def atkd_loss(s, t, targets, mask, easy_weight=0.2, hard_fraction=0.5, split="batch",
               base="fkl", temperature=1.0, vocab_size=None):
   tkd, dkd, u = tkd_dkd(s, t, targets, temperature, vocab_size, base)
   mask = np.asarray(mask, bool)
-  hard = hard_mask(u, mask, hard_fraction, split)
+  hard = atkd_hard_mask(u, mask, hard_fraction, split)
   easy = mask & ~hard
   l_easy = dkd[easy].mean() if easy.any() else 0.0
   l_hard = (tkd + dkd)[hard].mean() if hard.any() else 0.0

@@ -16,7 +16,9 @@ B, T, D, DT, V, VREAL = 3, 7, 16, 24, 50, 45
 LOSSES = [("fkl", {}), ("rkl", {}), ("tvd", {}), ("jsd", {"beta": 0.5}), ("jsd", {"beta": 0.2}),
           ("jsd", {"beta": 0.0}), ("jsd", {"beta": 1.0}), ("skl", {"alpha": 0.1}),
           ("srkl", {"alpha": 0.1}),
-          ("atkd", {}), ("atkd", {"base": "rkl", "split": "batch", "hard_fraction": 0.3})]
+          ("atkd", {}), ("atkd", {"split": "sequence"}),
+          ("atkd", {"base": "rkl", "split": "batch", "hard_fraction": 0.3}),
+          ("atkd", {"base": "rkl", "split": "sequence", "hard_fraction": 0.75})]
 IDS = [f"{n}-{p}" for n, p in LOSSES]
 
 
@@ -72,6 +74,24 @@ def test_aux_matches_unfused():
   _, want = at.atkd_loss(hs @ ws, ht @ wt, tgt, mask)
   for k in want:
     np.testing.assert_allclose(aux[k], want[k], rtol=1e-5, err_msg=k)
+
+
+@pytest.mark.parametrize("split", [None, "batch", "sequence"])
+def test_atkd_hard_split_equals_unfused(split):
+  """Same hard tokens and metrics as atkd_loss; the default split is "batch"."""
+  hs, ws, ht, wt, tgt, mask = _inputs(5)
+  kw = {} if split is None else {"split": split}
+  loss, aux = fused_loss(hs, ws, ht, wt, mask, tgt, loss="atkd", chunk_size=4, **kw)
+  want, m = at.atkd_loss(hs @ ws, ht @ wt, tgt, mask, **kw)
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  for k in m:
+    np.testing.assert_allclose(aux[k], m[k], rtol=1e-5, err_msg=k)
+  other = "sequence" if split in (None, "batch") else "batch"
+  got_batch = fused_loss(hs, ws, ht, wt, mask, tgt, loss="atkd", chunk_size=4, split="batch")[0]
+  if split is None:
+    np.testing.assert_array_equal(loss, got_batch)
+  alt = fused_loss(hs, ws, ht, wt, mask, tgt, loss="atkd", chunk_size=4, split=other)[0]
+  assert float(alt) != float(loss)  # the two splits differ on this batch
 
 
 def test_bf16_inputs_keep_dtypes():
