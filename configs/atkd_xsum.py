@@ -1,7 +1,8 @@
-"""ATKD on the demo's pair (SmolLM2-135M-Instruct -> 16-layer pruned copy), runnable on CPU.
+"""ATKD on the demo's pair (fine-tuned SmolLM2-135M-Instruct -> 16-layer pruned copy), on CPU.
 
-Supervised KD on dataset targets (lmbda=0) as in the ATKD paper; the hardest 50% of
-target tokens by teacher uncertainty get TKD+DKD, the rest DKD only (0.2 / 0.8).
+Supervised KD on dataset targets (lmbda=0) as in the ATKD paper; tokens whose teacher
+uncertainty is at or above the batch median (the official rule) get TKD+DKD, the rest DKD
+only (weights 0.8 / 0.2).
 """
 
 from configs import demo

@@ -30,6 +30,17 @@ def defaults() -> ml_collections.ConfigDict:
   c.teacher.dtype = "float32"  # compute dtype
   c.teacher.param_dtype = "float32"
   c.teacher.rules = ()  # extra logical-axis rules for the teacher only (after mesh.rules)
+  # Teacher SFT stage: with steps > 0 the run first fine-tunes the teacher on the task's train
+  # split (cross-entropy, batch data.batch_size, optim.* except lr) in `dir` and distils from
+  # that. `dir` ("" = WORKDIR/teacher_sft) is a cache: re-runs and every run of a sweep that
+  # point at it reuse the finished stage; a different stage config there is an error.
+  c.teacher.sft = ml_collections.ConfigDict()
+  c.teacher.sft.steps = 0
+  c.teacher.sft.lr = 5e-5
+  c.teacher.sft.dir = ""
+  c.teacher.sft.top_layers = 0  # > 0: fine-tune only the teacher's top n layers (cheaper)
+  c.teacher.sft.seed = 0  # the stage's data order (independent of the distillation's seed)
+  c.teacher.sft.zero_shot_eval = True  # also score the teacher before its fine-tuning
 
   c.student = ml_collections.ConfigDict()
   c.student.init = "prune"  # "path" (load student.path), "prune" (teacher layers), "fresh"
@@ -95,6 +106,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.steps = 100
   c.train.sft_warmup_steps = 0  # the first steps train with cross-entropy (a warm start)
+  c.train.top_layers = 0  # > 0: train only the top n decoder layers + final norm (rest frozen)
   c.train.log_every = 10
   c.train.eval_every = 0  # 0 = only at the end
   c.train.ckpt_every = 50  # 0 = only at the end
@@ -110,6 +122,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.eval.num_samples_logged = 3
   c.eval.teacher = True  # evaluate the teacher once
   c.eval.at_start = True  # evaluate the student before training (fresh runs)
+  c.eval.teacher_kl = True  # student rows also report the teacher-student token KL
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices left after fsdp and model
@@ -117,6 +130,20 @@ def defaults() -> ml_collections.ConfigDict:
   c.mesh.model = 1
   c.mesh.rules = ()  # overrides of gkd_jax.sharding's logical axis rules: ((name, axes), ...)
   return c
+
+
+def set_keys(config, pairs, source="override"):
+  """Sets ``[(dotted_key, value)]`` on ``config`` in place; an unknown key raises ValueError."""
+  for key, value in pairs:
+    node, parts = config, key.split(".")
+    for p in parts[:-1]:
+      if p not in node:
+        raise ValueError(f"{source}: unknown config key {key!r}")
+      node = node[p]
+    if parts[-1] not in node:
+      raise ValueError(f"{source}: unknown config key {key!r}")
+    node[parts[-1]] = value
+  return config
 
 
 def _keys(c, prefix=""):
@@ -171,7 +198,7 @@ def validate(config) -> ml_collections.ConfigDict:
   need("gkd.reduction", config.gkd.reduction in dv.REDUCTIONS, f"one of {dv.REDUCTIONS}")
   need("gkd.atkd_split", config.gkd.atkd_split in ("sequence", "batch"), "sequence or batch")
   need("gkd.atkd_base", config.gkd.atkd_base in ("fkl", "rkl"), "fkl or rkl")
-  for k in ("gkd.loss_temperature", "optim.lr"):
+  for k in ("gkd.loss_temperature", "optim.lr", "teacher.sft.lr"):
     positive(k, integer=False)
     need(k, math.isfinite(get(k)), "finite")
   positive("gkd.sample_temperature", integer=False)
@@ -187,7 +214,8 @@ def validate(config) -> ml_collections.ConfigDict:
             "eval.batch_size", "eval.max_new_tokens", "optim.grad_accum",
             "rl.samples_per_prompt"):
     positive(k)
-  for k in ("train.eval_every", "train.ckpt_every", "train.sft_warmup_steps", "optim.warmup_steps", "eval.num_examples",
+  for k in ("teacher.sft.steps", "train.eval_every", "train.ckpt_every", "train.sft_warmup_steps",
+            "train.top_layers", "teacher.sft.top_layers", "teacher.sft.seed", "optim.warmup_steps", "eval.num_examples",
             "eval.beam_size", "eval.num_samples_logged"):
     positive(k, zero=True)
   need("optim.name", config.optim.name in OPTIMIZERS, f"one of {OPTIMIZERS}")

@@ -57,21 +57,36 @@ def decode(model, prompt_lists, *, batch_size, max_new_tokens, eos_ids, pad_id, 
   return out
 
 
-@functools.partial(jax.jit, static_argnames=("s_graphdef", "t_graphdef"))
-def _kl_sums(s_graphdef, s_params, t_graphdef, t_params, view):
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _hidden(graphdef, params, view):
+  return steps.hidden_and_head(nnx.merge(graphdef, params), view)[0]
+
+
+def teacher_hidden(teacher, views):
+  """The teacher's final hidden states ``[B, K, D]`` at each view's trained positions: computed
+  once per eval set, since the teacher is frozen (its logits are then one head matmul)."""
+  tg, tp = nnx.split(teacher)
+  return [_hidden(tg, tp, v) for v in views]
+
+
+@functools.partial(jax.jit, static_argnames=("s_graphdef", "cap"))
+def _kl_sums(s_graphdef, s_params, t_h, t_w, view, cap):
   s = steps.hidden_and_head(nnx.merge(s_graphdef, s_params), view)
-  t = steps.hidden_and_head(nnx.merge(t_graphdef, t_params), view)
-  kl = dv.forward_kl(steps.logits(*s), steps.logits(*t))
+  kl = dv.forward_kl(steps.logits(*s), steps.logits(t_h, t_w, cap))
   _, (total, count) = dv.masked_mean(kl, view["loss_mask"], "token")
   return total, count
 
 
-def token_kl(student, teacher, views):
-  """Mean per-token KL(teacher || student) at temperature 1 over the views' trained tokens."""
+def token_kl(student, teacher, views, hidden=None):
+  """Mean per-token KL(teacher || student) at temperature 1 over the views' trained tokens.
+
+  hidden: ``teacher_hidden(teacher, views)``, to reuse across evaluations.
+  """
+  hidden = teacher_hidden(teacher, views) if hidden is None else hidden
   sg, sp = nnx.split(student)
-  tg, tp = nnx.split(teacher)
+  w, cap = teacher.head(), getattr(teacher.cfg, "final_logit_softcap", None)
   total = count = 0.0
-  for view in views:
-    t, c = _kl_sums(sg, sp, tg, tp, view)
+  for view, h in zip(views, hidden):
+    t, c = _kl_sums(sg, sp, h, w, view, cap)
     total, count = total + float(t), count + float(c)
   return total / max(count, 1.0)

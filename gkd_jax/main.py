@@ -17,6 +17,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow (data only) sta
 from absl import app, flags
 from ml_collections import config_flags
 
+from gkd_jax import config as config_lib
+
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                 lock_config=False)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, samples, export.")
@@ -46,16 +48,7 @@ def gin_overrides(texts):
 
 
 def apply_overrides(config, pairs):
-  for key, value in pairs:
-    node, parts = config, key.split(".")
-    for p in parts[:-1]:
-      if p not in node:
-        raise ValueError(f"gin override: unknown config key {key!r}")
-      node = node[p]
-    if parts[-1] not in node:
-      raise ValueError(f"gin override: unknown config key {key!r}")
-    node[parts[-1]] = value
-  return config
+  return config_lib.set_keys(config, pairs, source="gin override")
 
 
 def main(argv):
@@ -84,17 +77,23 @@ def main(argv):
 
 def report(summary) -> str:
   """A small before/after table of the eval metrics and a few samples."""
-  ev = summary.get("eval", {})
-  rows = [(name, ev[key]) for key, name in (("teacher", "teacher"), ("before", "student before"),
-          ("after_sft_warmup", "student after SFT warm-up"), ("after", "student after"))
-          if key in ev]
+  ev = dict(summary.get("eval", {}))
+  if (summary.get("teacher_sft") or {}).get("zero_shot"):
+    ev["teacher_zero_shot"] = summary["teacher_sft"]["zero_shot"]
+  rows = [(name, ev[key]) for key, name in (
+      ("teacher_zero_shot", "teacher before its SFT"), ("teacher", "teacher"),
+      ("before", "student before"), ("after_sft_warmup", "student after SFT warm-up"),
+      ("after", "student after")) if key in ev]
   if not rows:
     return ""
   keys = [k for k in rows[-1][1] if k != "decode_s"]
-  lines = [f"{'':<28}" + "".join(f"{k:>12}" for k in keys)]
+  primary = summary.get("primary_metric")
+  lines = [f"{'':<28}" + "".join(f"{(k + '*') if k == primary else k:>12}" for k in keys)]
   for name, m in rows:
     lines.append(f"{name:<28}" + "".join(f"{m[k]:>12.3f}" if k in m else f"{'-':>12}"
                                          for k in keys))
+  if primary:
+    lines.append(f"(* the task's primary metric; summary: {summary['workdir']}/summary.json)")
   for s in summary.get("samples", [])[:3]:
     lines += ["", "reference: " + s["reference"].strip(), "student:   " + s["student"].strip()]
   return "\n".join(lines)

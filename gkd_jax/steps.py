@@ -46,6 +46,7 @@ class LossSpec:
   atkd_base: str = "fkl"
   rl_alpha: float = 1.0  # 1 = no policy gradient
   token_rkl_reward: bool = False
+  top_layers: int = 0  # > 0: only the top n decoder layers and the final norm are trained
 
   @classmethod
   def from_config(cls, c):
@@ -55,7 +56,8 @@ class LossSpec:
                chunk_size=int(c.gkd.chunk_size), easy_weight=float(c.gkd.easy_weight),
                hard_fraction=float(c.gkd.hard_fraction), atkd_split=c.gkd.atkd_split,
                atkd_base=c.gkd.atkd_base, rl_alpha=float(c.rl.alpha),
-               token_rkl_reward=c.rl.reward == "token_rkl")
+               token_rkl_reward=c.rl.reward == "token_rkl",
+               top_layers=int(c.train.top_layers))
 
   def divergence_params(self):
     if self.loss == "jsd":
@@ -226,6 +228,27 @@ def make_optimizer(c) -> optax.GradientTransformation:
   return optax.chain(optax.clip_by_global_norm(o.clip_norm), opt) if o.clip_norm else opt
 
 
+def freeze_below(params, top: int):
+  """``params`` with everything but the top ``top`` decoder layers and the final norm behind
+  stop_gradient (embedding/tied head included), so the backward pass never enters the frozen
+  layers. Decoder-only models with a per-layer ``layers`` list (no scan_layers)."""
+  if not top:
+    return params
+  layers = params.get("layers") if hasattr(params, "get") else None
+  if layers is None or not hasattr(layers, "keys") or "final_norm" not in params:
+    raise ValueError("train.top_layers needs a decoder-only model with per-layer parameters "
+                     "(not T5, not scan_layers)")
+  n = len(layers)
+  keep = {("layers", i) for i in range(max(n - top, 0), n)} | {("final_norm",)}
+
+  def f(path, x):
+    names = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
+    trained = names[:1] in keep or names[:2] in keep
+    return x if trained else jax.lax.stop_gradient(x)
+
+  return jax.tree_util.tree_map_with_path(f, params)
+
+
 def _micro(x, k):
   return x.reshape((k, x.shape[0] // k) + x.shape[1:])
 
@@ -251,7 +274,7 @@ def train_step(graphdef, params, opt_state, teacher_graphdef, teacher_params, vi
   n_ce = count(ce_view, spec, "ce")
 
   def loss_fn(p, mv, mce, madv):
-    student = nnx.merge(graphdef, p)
+    student = nnx.merge(graphdef, freeze_below(p, spec.top_layers))
     s = hidden_and_head(student, mv)
     terms = {}
     total = 0.0

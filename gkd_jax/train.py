@@ -22,6 +22,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -158,6 +159,7 @@ class Batches:
 class Trainer:
   config: object
   workdir: str
+  teacher_path: str = ""  # "" = config.teacher.path (the teacher-SFT stage sets its export)
 
   def setup(self):
     c = self.config
@@ -165,7 +167,8 @@ class Trainer:
     self.mesh = make_mesh(c)
     self.rules = sharding.make_rules(c.mesh.rules)
     self.place = Batches(self.mesh, self.rules)
-    self.teacher, self.tokenizer = models.load(c.teacher.path, dtype=c.teacher.dtype,
+    self.teacher, self.tokenizer = models.load(self.teacher_path or c.teacher.path,
+                                               dtype=c.teacher.dtype,
                                                param_dtype=c.teacher.param_dtype)
     if self.tokenizer is None:
       raise ValueError(f"teacher {c.teacher.path!r} has no tokenizer files; the trainer needs one")
@@ -329,8 +332,11 @@ class Trainer:
     preds = [self.tokenizer.decode(p) for p in preds_ids]
     refs = [e["references"] for e in ex]
     metrics = data.evaluate(c.data.task, refs, preds)
-    if model is not self.teacher:
-      metrics["teacher_kl"] = evaluation.token_kl(model, self.teacher, views)
+    if model is not self.teacher and c.eval.teacher_kl:
+      if not hasattr(self, "_eval_teacher_hidden"):
+        self._eval_teacher_hidden = evaluation.teacher_hidden(self.teacher, views)
+      metrics["teacher_kl"] = evaluation.token_kl(model, self.teacher, views,
+                                                  self._eval_teacher_hidden)
     metrics["decode_s"] = time.time() - t0
     samples = [{"prompt": e["prompt_text"], "reference": e["reference"], name: p}
                for e, p in zip(ex[:c.eval.num_samples_logged], preds)]
@@ -347,25 +353,137 @@ class Trainer:
     return metrics, samples
 
 
-def run(config, workdir: str) -> dict:
-  """Trains per ``config`` in ``workdir`` (resuming from its latest checkpoint); returns a summary."""
-  from gkd_jax import observe
+# ------------------------------------------------------------------------ teacher SFT stage
+# Keys of the stage config that do not change the fine-tuned teacher's weights.
+_STAGE_FREE = ("eval.", "data.eval_split", "teacher.sft.zero_shot_eval", "train.log_every",
+               "train.ckpt_every", "train.keep_ckpts", "train.eval_every", "train.export_hf")
 
+
+def teacher_sft_config(c) -> ml_collections.ConfigDict:
+  """The teacher-SFT stage of ``c``: cross-entropy training of a copy of ``c.teacher``.
+
+  What only the distillation uses (gkd.*, rl.*, the student's shape, seed) is reset to the
+  defaults, so every run of a sweep over those shares one stage.
+  """
+  d = config_lib.defaults()
+  s = ml_collections.ConfigDict(c.to_dict())
+  s.gkd, s.rl = d.gkd, d.rl
+  s.student.keep_layers, s.student.overrides = d.student.keep_layers, d.student.overrides
+  s.student.remat = d.student.remat
+  s.seed = c.teacher.sft.seed
+  s.mode = "sft"
+  s.student.init, s.student.path = "path", c.teacher.path
+  s.student.dtype, s.student.param_dtype = c.teacher.dtype, c.teacher.param_dtype
+  s.teacher.sft.steps, s.teacher.sft.dir = 0, ""
+  s.optim.lr = c.teacher.sft.lr
+  s.train.steps, s.train.sft_warmup_steps, s.train.eval_every = c.teacher.sft.steps, 0, 0
+  s.train.export_hf = True
+  s.train.top_layers = c.teacher.sft.top_layers
+  s.eval.teacher, s.eval.teacher_kl = False, False
+  s.eval.at_start = c.teacher.sft.zero_shot_eval
+  return s
+
+
+def _flat(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def config_diff(a: dict, b: dict, ignore=()) -> list[str]:
+  """Dotted keys whose values differ between two config dicts (keys starting with ``ignore``)."""
+  fa, fb = _flat(a), _flat(b)
+  keys = sorted(set(fa) | set(fb))
+  return [k for k in keys if fa.get(k) != fb.get(k) and not k.startswith(tuple(ignore))]
+
+
+def prepare_teacher(c, workdir) -> tuple[str, dict]:
+  """Runs (or reuses) the teacher-SFT stage -> (teacher path, stage summary); ("", {}) if off."""
+  if not c.teacher.sft.steps:
+    return "", {}
+  stage = teacher_sft_config(c)
+  sdir = os.path.abspath(c.teacher.sft.dir or os.path.join(workdir, "teacher_sft"))
+  want = json.loads(stage.to_json_best_effort())
+  recorded = os.path.join(sdir, "config.json")
+  if os.path.isfile(recorded):
+    with open(recorded) as f:
+      have = json.load(f)
+    diff = config_diff(have, want, ignore=_STAGE_FREE)
+    if diff:
+      raise ValueError(f"teacher.sft.dir {sdir!r} holds a teacher-SFT stage made with other "
+                       f"settings ({', '.join(diff)}); point teacher.sft.dir elsewhere or remove it")
+  done = os.path.join(sdir, "summary.json")
+  if os.path.isfile(done):
+    with open(done) as f:
+      summary = json.load(f)
+    if summary.get("status") == "done" and os.path.isdir(os.path.join(sdir, "hf")):
+      log.info("teacher-SFT stage: reusing %s", sdir)
+      return os.path.join(sdir, "hf"), summary
+  log.info("teacher-SFT stage: fine-tuning %s for %d steps in %s", c.teacher.path,
+           c.teacher.sft.steps, sdir)
+  summary = run(stage, sdir)
+  if summary["status"] != "done":
+    raise RuntimeError(f"teacher-SFT stage in {sdir} stopped ({summary['status']}); re-run to resume")
+  return os.path.join(sdir, "hf"), summary
+
+
+def primary_metric(task: str) -> str:
+  from gkd_jax.data import tasks
+  return tasks.get_spec(task).primary_metric
+
+
+def write_summary(workdir, summary):
+  path = os.path.join(workdir, "summary.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump({k: v for k, v in summary.items()}, f, indent=2, default=str)
+  os.replace(path + ".tmp", path)
+
+
+def run(config, workdir: str) -> dict:
+  """Trains per ``config`` in ``workdir`` (resuming from its latest checkpoint); returns a summary
+  (also written to ``workdir/summary.json``)."""
+  t0 = time.time()
   c = config_lib.validate(config)
   workdir = check_workdir(workdir)
-  tr = Trainer(c, workdir)
+  teacher_path, stage = prepare_teacher(c, workdir)
+  summary = {"workdir": workdir, "status": "done", "primary_metric": primary_metric(c.data.task),
+             "eval": {}}
+  if stage:
+    summary["teacher_sft"] = {"dir": stage["workdir"], "steps": c.teacher.sft.steps,
+                              "zero_shot": stage["eval"].get("before"),
+                              "after_sft": stage["eval"].get("after")}
+  summary = _run(c, workdir, teacher_path, summary, stage)
+  summary["wall_s"] = time.time() - t0
+  if jax.process_index() == 0:
+    write_summary(workdir, summary)
+  return summary
+
+
+def _run(c, workdir, teacher_path, summary, stage) -> dict:
+  from gkd_jax import observe
+
+  tr = Trainer(c, workdir, teacher_path)
   tr.setup()
   tr.key = jax.random.PRNGKey(c.seed)
   start = tr.restore()
   logger = observe.MetricsLogger(workdir, enabled=tr.is_main)
-  summary = {"workdir": workdir, "start_step": start, "status": "done", "eval": {}}
+  summary["start_step"] = start
   if tr.is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(c.to_json_best_effort(indent=2))
   if start == 0 and c.eval.num_examples and c.eval.at_start:
     summary["eval"]["before"] = tr.eval_student(0, logger)[0]
     if c.eval.teacher and c.mode == "gkd":
-      summary["eval"]["teacher"], _ = tr.evaluate(tr.teacher, "teacher")
+      same_eval = stage and not config_diff(stage.get("config_eval", {}), c.eval.to_dict(),
+                                            ignore=("teacher", "teacher_kl", "at_start"))
+      if same_eval and stage["eval"].get("after"):  # the stage scored this teacher already
+        summary["eval"]["teacher"] = dict(stage["eval"]["after"])
+      else:
+        summary["eval"]["teacher"], _ = tr.evaluate(tr.teacher, "teacher")
       logger.write(0, summary["eval"]["teacher"], prefix="teacher")
   stop = {"flag": False}
   previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
@@ -411,6 +529,7 @@ def run(config, workdir: str) -> dict:
         summary.update(status="preempted", step=done)
         log.warning("SIGTERM: saved step %d and stopped", done)
         return summary
+    summary["config_eval"] = c.eval.to_dict()
     tr.save(c.train.steps, wait=True)
     summary["step"] = c.train.steps
     summary["sources"] = sources

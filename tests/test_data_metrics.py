@@ -87,3 +87,19 @@ def test_light_imports_do_not_load_tensorflow():
             "bad = [m for m in ('tensorflow', 'seqio', 'tensorflow_datasets') if m in sys.modules]\n"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_first_number_accuracy_for_asdiv_answers():
+    refs = ["9 apples", "12.4 dollars", "1,200 meters", "0.50 liters", "15 balls"]
+    preds = ["9 apples, that is 2 + 7", "12.40 dollars", "1200", "0.5", "Ellen has 14 balls. 15"]
+    assert metrics.first_number_accuracy(refs, preds) == {"accuracy": pytest.approx(80.0)}
+    assert metrics.first_number_accuracy(["3 cats"], ["three cats"]) == {"accuracy": 0.0}
+    assert tasks.get_spec("asdiv").primary_metric == "accuracy"
+    assert tasks.evaluate("asdiv", refs[:2], preds[:2]) == {"accuracy": 100.0}
+    with pytest.raises(ValueError, match="2 targets but 1 predictions"):
+        metrics.first_number_accuracy(refs[:2], preds[:1])
+
+
+def test_every_task_names_a_primary_metric_it_computes():
+    for name, spec in tasks.TASKS.items():
+        assert spec.primary_metric in tasks.evaluate(name, ["a b c 1"], ["a b c 1"]), name

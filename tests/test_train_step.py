@@ -158,3 +158,50 @@ def test_shared_ce_forward_equals_a_separate_one(setup):
   np.testing.assert_allclose(shared, sep, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):  # summation order only: 3 Adam
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)  # steps at lr 1e-2
+
+
+def test_top_layers_freezes_the_rest_and_keeps_the_top_gradients(setup):
+  """train.top_layers=1 on the 3-layer teacher: layers 0-1 and the (tied) embedding stay put;
+  the top layer and final norm get exactly the full model's gradients (frozen layers still run
+  forward)."""
+  mesh, teacher, batch = setup
+  model = Llama(TEACHER, rngs=nnx.Rngs(3))
+  gd, params = nnx.split(model)
+  view = steps.batch_view(batch, False)
+
+  def ce(p, top):
+    s = steps.hidden_and_head(nnx.merge(gd, steps.freeze_below(p, top)), view)
+    return steps.ce_sum(s, view, steps.LossSpec(mode="sft"))
+
+  full = jax.grad(ce)(params, 0)
+  part = jax.grad(ce)(params, 1)
+  np.testing.assert_allclose(float(ce(params, 1)), float(ce(params, 0)), rtol=1e-6)
+  flat_full = dict(jax.tree_util.tree_flatten_with_path(full)[0])
+  for path, g in jax.tree_util.tree_flatten_with_path(part)[0]:
+    name = jax.tree_util.keystr(path)
+    top = name.startswith("['layers'][2]") or name.startswith("['final_norm']")
+    if top:
+      np.testing.assert_allclose(np.asarray(g), np.asarray(flat_full[path]), rtol=1e-5, atol=1e-7)
+    else:
+      assert not np.any(np.asarray(g)), name
+  assert np.any(np.asarray(full["embed"][...]))
+  c = config_lib.defaults()
+  c.train.top_layers = 1
+  assert steps.LossSpec.from_config(c).top_layers == 1
+  with pytest.raises(ValueError, match="train.top_layers needs a decoder-only"):
+    steps.freeze_below({"encoder": {}}, 1)
+
+
+def test_eval_token_kl_with_cached_teacher_hidden_states(setup):
+  from gkd_jax import evaluation
+  mesh, teacher, batch = setup
+  student = Llama(STUDENT, rngs=nnx.Rngs(1))
+  view = steps.batch_view(batch, False)
+  pick = lambda x: jnp.take_along_axis(x, view["loss_positions"][..., None], axis=1)
+  s = pick(student(view["tokens"], mask_BxT=view["mask"]))
+  t = pick(teacher(view["tokens"], mask_BxT=view["mask"]))
+  want = float(dv.masked_mean(dv.forward_kl(s, t), view["loss_mask"])[0])
+  hidden = evaluation.teacher_hidden(teacher, [view, view])
+  got = evaluation.token_kl(student, teacher, [view, view], hidden)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  np.testing.assert_allclose(evaluation.token_kl(student, teacher, [view]), want, rtol=1e-5)

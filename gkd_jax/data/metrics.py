@@ -108,3 +108,14 @@ def gsm8k_accuracy(targets, predictions) -> dict:
         want = extract_answer(ref)
         hits += want is not None and extract_answer(pred) == want
     return {"accuracy": 100.0 * hits / len(predictions)}
+
+
+def first_number_accuracy(targets, predictions) -> dict:
+    """Percentage of predictions whose first number equals the reference's first number (ASDiv:
+    the answer is "N unit", so the first number is the answer; rambling after it is not penalised)."""
+    _check_lengths(targets, predictions)
+    hits = 0
+    for refs, pred in zip(_reference_lists(targets), predictions):
+        want, got = _ANY_NUMBER.search(refs[0]), _ANY_NUMBER.search(pred)
+        hits += bool(want and got) and normalize_number(want.group()) == normalize_number(got.group())
+    return {"accuracy": 100.0 * hits / len(predictions)}

