@@ -46,6 +46,6 @@ def get_config():
   c.train.log_every = 5
   c.train.ckpt_every = 20
   c.eval.num_examples = 100
-  c.eval.batch_size = 20
+  c.eval.batch_size = 50
   c.eval.max_new_tokens = 32
   return c

@@ -83,7 +83,21 @@ def row(name, seed, c, summary):
   return {"cell": name, "lmbda": c.gkd.lmbda if c.mode == "gkd" else "", "seed": seed,
           "loss": c.gkd.loss if c.mode == "gkd" else "sft", "metric": metric,
           "value": round(after[metric], 4), "teacher_kl": round(after.get("teacher_kl", float("nan")), 4),
-          "steps": summary["step"], "wall_s": round(summary.get("wall_s", float("nan")), 1)}
+          "steps": summary["step"], "wall_s": round(summary.get("wall_s", float("nan")), 1),
+          "machine": summary.get("machine", "")}
+
+
+def machine() -> str:
+  """The CPU (or accelerator) a cell ran on: results are exact only on the same kind."""
+  import platform
+  model = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      model = next(x.split(":", 1)[1].strip() for x in f if x.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  import jax
+  return f"{model}, {os.cpu_count()} cores, {jax.devices()[0].platform}"
 
 
 def run_cell(grid, out, name, seed, workdir=None):
@@ -96,6 +110,8 @@ def run_cell(grid, out, name, seed, workdir=None):
     summary = train.run(c, workdir)
     if summary["status"] != "done":
       raise RuntimeError(f"cell {name} seed {seed} stopped: {summary['status']}")
+    summary["machine"] = machine()
+    train.write_summary(workdir, summary)
   return row(name, seed, c, summary)
 
 
@@ -126,8 +142,12 @@ def committed_rows(grid, results):
   if made_by != fingerprint(grid):
     raise SystemExit(f"{path} was written by another grid config (fingerprint {made_by} != "
                      f"{fingerprint(grid)}); pass another --results directory or move it away")
+  with open(meta) as f:
+    machines = json.load(f).get("machines", {})
   with open(path, newline="") as f:
-    return {(r["cell"], int(r["seed"])): {**r, "seed": int(r["seed"])} for r in csv.DictReader(f)}
+    return {(r["cell"], int(r["seed"])): {**r, "seed": int(r["seed"]),
+                                          "machine": machines.get(f"{r['cell']}/seed{r['seed']}", "")}
+            for r in csv.DictReader(f)}
 
 
 def collect(grid, out, earlier=None):
@@ -221,19 +241,22 @@ def claims(grid, rows, metric):
 def write_results(grid, rows, results, stages=None, title=""):
   os.makedirs(results, exist_ok=True)
   with open(os.path.join(results, "replication.csv"), "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=FIELDS)
+    w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
   with open(os.path.join(results, "replication.json"), "w") as f:
     json.dump({"fingerprint": fingerprint(grid), "scale": grid.scale, "runs_done": len(rows),
-               "runs_total": len(order(grid)), "stages": dict(stages or [])}, f, indent=2)
+               "runs_total": len(order(grid)), "stages": dict(stages or []),
+               "machines": {f"{r['cell']}/seed{r['seed']}": r.get("machine", "") for r in rows}},
+              f, indent=2)
   metric = rows[0]["metric"] if rows else "metric"
   v, kl, wall = by_cell(rows), by_cell(rows, "teacher_kl"), by_cell(rows, "wall_s")
   lines = [f"# Replication grid{title}", "",
            f"Written by `python experiments/replicate.py` (scale `{grid.scale}`); "
            f"{len(rows)} of {len(order(grid))} runs done. Test split, {metric} of greedy decodes; "
            "teacher_kl = KL(teacher || student) per token on the references. "
-           "Mean ± 95% t-interval over seeds.", ""]
+           "Mean ± 95% t-interval over seeds. Ran on: " +
+           "; ".join(sorted({r.get("machine") or "?" for r in rows})) + ".", ""]
   if stages:
     lines += ["| reference point | " + metric + " | teacher_kl |", "| --- | --- | --- |"]
     for label, m in stages:

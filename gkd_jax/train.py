@@ -478,8 +478,8 @@ def _run(c, workdir, teacher_path, summary, stage) -> dict:
   if start == 0 and c.eval.num_examples and c.eval.at_start:
     summary["eval"]["before"] = tr.eval_student(0, logger)[0]
     if c.eval.teacher and c.mode == "gkd":
-      same_eval = stage and not config_diff(stage.get("config_eval", {}), c.eval.to_dict(),
-                                            ignore=("teacher", "teacher_kl", "at_start"))
+      same_eval = stage and stage.get("eval_split") == c.data.eval_split and not config_diff(
+          stage.get("config_eval", {}), c.eval.to_dict(), ignore=("teacher", "teacher_kl", "at_start"))
       if same_eval and stage["eval"].get("after"):  # the stage scored this teacher already
         summary["eval"]["teacher"] = dict(stage["eval"]["after"])
       else:
@@ -529,7 +529,7 @@ def _run(c, workdir, teacher_path, summary, stage) -> dict:
         summary.update(status="preempted", step=done)
         log.warning("SIGTERM: saved step %d and stopped", done)
         return summary
-    summary["config_eval"] = c.eval.to_dict()
+    summary["config_eval"], summary["eval_split"] = c.eval.to_dict(), c.data.eval_split
     tr.save(c.train.steps, wait=True)
     summary["step"] = c.train.steps
     summary["sources"] = sources
