@@ -3,6 +3,7 @@
   python experiments/replicate.py [--grid=configs/replication.py[:accelerator]] [--out=DIR]
   python experiments/replicate.py --cell=jsd0.9-l1 --seed=0     # one cell alone; prints its row
   python experiments/replicate.py --list                         # the cells and their state
+  python experiments/replicate.py --report                       # rewrite results/ only
 
 Stages, each cached under --out (default runs/replication-<scale>) and reused by every cell:
   teacher_sft/   the teacher fine-tuned on the task (the trainer's teacher-SFT stage)
@@ -261,8 +262,8 @@ def write_results(grid, rows, results, stages=None, title=""):
     lines += ["| reference point | " + metric + " | teacher_kl |", "| --- | --- | --- |"]
     for label, m in stages:
       if m:
-        lines.append(f"| {label} | {m.get(metric, float('nan')):.2f} | "
-                     f"{m.get('teacher_kl', float('nan')):.3f} |")
+        kl = f"{m['teacher_kl']:.3f}" if "teacher_kl" in m else "-"
+        lines.append(f"| {label} | {m.get(metric, float('nan')):.2f} | {kl} |")
     lines.append("")
   lines += [f"| cell | lambda | loss | seeds | {metric} | teacher_kl | wall s / run |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -311,10 +312,15 @@ def load_grid(spec):
   return mod.get_config(arg) if arg else mod.get_config()
 
 
-def stage_rows(out, metric=None):
-  """(label, eval metrics) for the teacher and the student stages, when they exist."""
+def stage_rows(out, results=None):
+  """(label, eval metrics) for the teacher and the student stages: from their runs under
+  ``out``, else as an earlier sitting recorded them in ``results``/replication.json."""
   s = _summary(os.path.join(out, "student_sft"))
   if s is None:
+    meta = os.path.join(results or "", "replication.json")
+    if results and os.path.isfile(meta):
+      with open(meta) as f:
+        return list(json.load(f).get("stages", {}).items())
     return []
   t = s.get("teacher_sft") or {}
   return [("teacher, zero-shot", t.get("zero_shot")), ("teacher after SFT", t.get("after_sft")),
@@ -332,6 +338,8 @@ def main(argv=None):
   ap.add_argument("--fresh", action="store_true",
                   help="with --cell: re-train into a temporary dir, ignoring a finished result")
   ap.add_argument("--list", action="store_true")
+  ap.add_argument("--report", action="store_true",
+                  help="only rewrite --results from the finished cells (trains nothing)")
   a = ap.parse_args(argv)
   grid = load_grid(a.grid)
   out = os.path.abspath(a.out or os.path.join(ROOT, "runs", f"replication-{grid.scale}"))
@@ -343,6 +351,11 @@ def main(argv=None):
   if a.list:
     for name, seed in order(grid):
       print(f"{name:<12} seed {seed}: {'done' if _summary(cell_dir(out, name, seed)) else '-'}")
+    return 0
+  if a.report:
+    rows = collect(grid, out, committed_rows(grid, a.results))
+    write_results(grid, rows, a.results, stage_rows(out, a.results))
+    print(open(os.path.join(a.results, "replication.md")).read())
     return 0
   import logging
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -370,9 +383,9 @@ def run_grid(grid, out, results):
   for name, seed in order(grid):
     if (name, seed) not in earlier:
       run_cell(grid, out, name, seed)
-    write_results(grid, collect(grid, out, earlier), results, stage_rows(out))
+    write_results(grid, collect(grid, out, earlier), results, stage_rows(out, results))
   rows = collect(grid, out, earlier)
-  write_results(grid, rows, results, stage_rows(out))
+  write_results(grid, rows, results, stage_rows(out, results))
   return rows
 
 
