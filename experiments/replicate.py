@@ -262,8 +262,8 @@ def write_results(grid, rows, results, stages=None, title=""):
     lines += ["| reference point | " + metric + " | teacher_kl |", "| --- | --- | --- |"]
     for label, m in stages:
       if m:
-        kl = f"{m['teacher_kl']:.3f}" if "teacher_kl" in m else "-"
-        lines.append(f"| {label} | {m.get(metric, float('nan')):.2f} | {kl} |")
+        skl = f"{m['teacher_kl']:.3f}" if "teacher_kl" in m else "-"
+        lines.append(f"| {label} | {m.get(metric, float('nan')):.2f} | {skl} |")
     lines.append("")
   lines += [f"| cell | lambda | loss | seeds | {metric} | teacher_kl | wall s / run |",
             "| --- | --- | --- | --- | --- | --- | --- |"]

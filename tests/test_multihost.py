@@ -20,8 +20,11 @@ from gkd_jax import train
 from test_train import ROOT, tiny_config, tiny_dirs  # noqa: F401  (tiny_dirs is a fixture)
 
 MULTIHOST = os.path.join(ROOT, "launch", "multihost.py")
-# lmbda 0.5 over 4 steps (seed 0): dataset and on-policy (sampled) steps both occur.
-OVERRIDES = {"gkd.lmbda": 0.5, "train.steps": 4, "train.ckpt_every": 2, "train.keep_ckpts": 2,
+# lmbda 0.5 over 4 steps, seed 3: step 1 is on-policy, steps 2-4 train on the dataset. The
+# on-policy step comes first, where both runs hold bitwise-equal parameters: after that,
+# all-reduce rounding may flip a sampled token (seen with seed 0, on-policy at steps 3-4, on
+# an AMD EPYC: step 4's loss 1.926e-5 vs 1.906e-5 and parameters 3e-4 apart).
+OVERRIDES = {"seed": 3, "gkd.lmbda": 0.5, "train.steps": 4, "train.ckpt_every": 2, "train.keep_ckpts": 2,
              "optim.lr": 1e-3, "optim.warmup_steps": 0, "eval.num_examples": 4,
              "eval.batch_size": 4, "eval.max_new_tokens": 4, "eval.teacher": False,
              "eval.at_start": False, "train.export_hf": True}
