@@ -253,7 +253,10 @@ def write_results(grid, rows, results, stages=None, title=""):
   metric = rows[0]["metric"] if rows else "metric"
   v, kl, wall = by_cell(rows), by_cell(rows, "teacher_kl"), by_cell(rows, "wall_s")
   lines = [f"# Replication grid{title}", "",
-           f"Written by `python experiments/replicate.py` (scale `{grid.scale}`); "
+           f"Written by `python experiments/replicate.py --grid configs/replication.py"
+           f"{'' if grid.scale == 'cpu' else ':' + grid.scale}` (seeds "
+           f"{', '.join(map(str, grid.seeds))}; each seed sets the data order and the sampling "
+           f"keys; one row: `--cell NAME --seed S`); "
            f"{len(rows)} of {len(order(grid))} runs done. Test split, {metric} of greedy decodes; "
            "teacher_kl = KL(teacher || student) per token on the references. "
            "Mean ± 95% t-interval over seeds. Ran on: " +
