@@ -146,6 +146,23 @@ def set_keys(config, pairs, source="override"):
   return config
 
 
+def _flat(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def config_diff(a: dict, b: dict, ignore=()) -> list[str]:
+  """Dotted keys whose values differ between two config dicts (keys starting with ``ignore``)."""
+  fa, fb = _flat(a), _flat(b)
+  keys = sorted(set(fa) | set(fb))
+  return [k for k in keys if fa.get(k) != fb.get(k) and not k.startswith(tuple(ignore))]
+
+
 def _keys(c, prefix=""):
   out = set()
   for k, v in c.items():

@@ -384,23 +384,6 @@ def teacher_sft_config(c) -> ml_collections.ConfigDict:
   return s
 
 
-def _flat(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[prefix + k] = list(v) if isinstance(v, tuple) else v
-  return out
-
-
-def config_diff(a: dict, b: dict, ignore=()) -> list[str]:
-  """Dotted keys whose values differ between two config dicts (keys starting with ``ignore``)."""
-  fa, fb = _flat(a), _flat(b)
-  keys = sorted(set(fa) | set(fb))
-  return [k for k in keys if fa.get(k) != fb.get(k) and not k.startswith(tuple(ignore))]
-
-
 def prepare_teacher(c, workdir) -> tuple[str, dict]:
   """Runs (or reuses) the teacher-SFT stage -> (teacher path, stage summary); ("", {}) if off."""
   if not c.teacher.sft.steps:
@@ -412,7 +395,7 @@ def prepare_teacher(c, workdir) -> tuple[str, dict]:
   if os.path.isfile(recorded):
     with open(recorded) as f:
       have = json.load(f)
-    diff = config_diff(have, want, ignore=_STAGE_FREE)
+    diff = config_lib.config_diff(have, want, ignore=_STAGE_FREE)
     if diff:
       raise ValueError(f"teacher.sft.dir {sdir!r} holds a teacher-SFT stage made with other "
                        f"settings ({', '.join(diff)}); point teacher.sft.dir elsewhere or remove it")
@@ -478,7 +461,7 @@ def _run(c, workdir, teacher_path, summary, stage) -> dict:
   if start == 0 and c.eval.num_examples and c.eval.at_start:
     summary["eval"]["before"] = tr.eval_student(0, logger)[0]
     if c.eval.teacher and c.mode == "gkd":
-      same_eval = stage and stage.get("eval_split") == c.data.eval_split and not config_diff(
+      same_eval = stage and stage.get("eval_split") == c.data.eval_split and not config_lib.config_diff(
           stage.get("config_eval", {}), c.eval.to_dict(), ignore=("teacher", "teacher_kl", "at_start"))
       if same_eval and stage["eval"].get("after"):  # the stage scored this teacher already
         summary["eval"]["teacher"] = dict(stage["eval"]["after"])
