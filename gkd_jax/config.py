@@ -133,24 +133,36 @@ def defaults() -> ml_collections.ConfigDict:
 
 
 def set_keys(config, pairs, source="override"):
-  """Sets ``[(dotted_key, value)]`` on ``config`` in place; an unknown key raises ValueError."""
+  """Sets ``[(dotted_key, value)]`` on ``config`` in place; an unknown key raises ValueError.
+
+  New keys may be added under the free-form dicts (``data.paths.NAME``, ``student.overrides.NAME``).
+  """
   for key, value in pairs:
     node, parts = config, key.split(".")
     for p in parts[:-1]:
       if p not in node:
         raise ValueError(f"{source}: unknown config key {key!r}")
       node = node[p]
-    if parts[-1] not in node:
+    if parts[-1] not in node and not (len(parts) > 1 and parts[-2] in _FREE):
       raise ValueError(f"{source}: unknown config key {key!r}")
-    node[parts[-1]] = value
+    if isinstance(node.get(parts[-1]), bool) and value in ("true", "false"):
+      value = value == "true"
+    if isinstance(node.get(parts[-1]), tuple) and isinstance(value, list):
+      value = tuple(value)
+    try:
+      node[parts[-1]] = value
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"{source}: config key {key!r}: {e}") from None
   return config
 
 
-def _flat(d, prefix=""):
+
+def flatten(d, prefix="") -> dict:
+  """{dotted key: value} of a nested config dict (tuples as lists, as in JSON)."""
   out = {}
   for k, v in d.items():
     if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
+      out.update(flatten(v, f"{prefix}{k}."))
     else:
       out[prefix + k] = list(v) if isinstance(v, tuple) else v
   return out
@@ -158,7 +170,7 @@ def _flat(d, prefix=""):
 
 def config_diff(a: dict, b: dict, ignore=()) -> list[str]:
   """Dotted keys whose values differ between two config dicts (keys starting with ``ignore``)."""
-  fa, fb = _flat(a), _flat(b)
+  fa, fb = flatten(a), flatten(b)
   keys = sorted(set(fa) | set(fb))
   return [k for k in keys if fa.get(k) != fb.get(k) and not k.startswith(tuple(ignore))]
 
@@ -176,7 +188,8 @@ def _keys(c, prefix=""):
 _FREE = ("overrides", "paths")  # free-form sub-dicts
 
 
-def _get(c, dotted):
+def get(c, dotted):
+  """config[a][b] for dotted="a.b"."""
   for part in dotted.split("."):
     c = c[part]
   return c
@@ -184,26 +197,37 @@ def _get(c, dotted):
 
 def validate(config) -> ml_collections.ConfigDict:
   """Raises ValueError naming the first bad key; returns the config for chaining."""
-  unknown = sorted(_keys(config) - _keys(defaults()))
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ValueError(f"the config is a {type(config).__name__}, not an ml_collections.ConfigDict: "
+                     "get_config() should return gkd_jax.config.defaults() with changes")
+  have, want = _keys(config), _keys(defaults())
+  unknown = sorted(have - want)
   if unknown:
     raise ValueError(f"unknown config key(s): {', '.join(unknown)} (see gkd_jax/config.py)")
-  get = lambda k: _get(config, k)
+  missing = sorted(want - have)
+  if missing:
+    shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+    raise ValueError(f"the config lacks key(s) {shown}: start it from gkd_jax.config.defaults() "
+                     "and change fields")
+  value = lambda k: get(config, k)
 
   def need(key, ok, what):
     if not ok:
-      raise ValueError(f"config.{key} = {get(key)!r}: must be {what}")
+      raise ValueError(f"config.{key} = {value(key)!r}: must be {what}")
 
   def unit(key):
-    v = get(key)
+    v = value(key)
     need(key, isinstance(v, (int, float)) and 0.0 <= v <= 1.0, "a number in [0, 1]")
 
   def positive(key, integer=True, zero=False):
-    v = get(key)
+    v = value(key)
     ok = isinstance(v, int) if integer else isinstance(v, (int, float))
     ok = ok and not isinstance(v, bool) and (v >= 0 if zero else v > 0)
     need(key, ok, ("an int" if integer else "a number") + (" >= 0" if zero else " > 0"))
 
   need("mode", config.mode in MODES, f"one of {MODES}")
+  need("seed", isinstance(config.seed, int) and not isinstance(config.seed, bool)
+       and 0 <= config.seed < 2**32, "an int in [0, 2**32)")
   need("student.init", config.student.init in STUDENT_INITS, f"one of {STUDENT_INITS}")
   if config.student.init == "path":
     need("student.path", bool(config.student.path), "a model path when student.init='path'")
@@ -217,8 +241,13 @@ def validate(config) -> ml_collections.ConfigDict:
   need("gkd.atkd_base", config.gkd.atkd_base in ("fkl", "rkl"), "fkl or rkl")
   for k in ("gkd.loss_temperature", "optim.lr", "teacher.sft.lr"):
     positive(k, integer=False)
-    need(k, math.isfinite(get(k)), "finite")
+    need(k, math.isfinite(value(k)), "finite")
   positive("gkd.sample_temperature", integer=False)
+  need("gkd.sample_temperature", math.isfinite(config.gkd.sample_temperature), "finite")
+  for k in ("optim.b1", "optim.b2"):
+    v = value(k)
+    need(k, isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v < 1.0,
+         "a number in [0, 1)")
   need("gkd.sample_dot_dtype", config.gkd.sample_dot_dtype in ("", "float32", "bfloat16", "float16"),
        "'' (the model's own numerics), 'float32', 'bfloat16' or 'float16'")
   positive("eval.temperature", integer=False, zero=True)
@@ -235,6 +264,10 @@ def validate(config) -> ml_collections.ConfigDict:
             "train.top_layers", "teacher.sft.top_layers", "teacher.sft.seed", "optim.warmup_steps", "eval.num_examples",
             "eval.beam_size", "eval.num_samples_logged"):
     positive(k, zero=True)
+  if config.mode == "gkd":
+    need("train.sft_warmup_steps", config.train.sft_warmup_steps < config.train.steps,
+         f"< train.steps={config.train.steps} (it would leave no distillation step; "
+         "for cross-entropy only use mode='sft')")
   need("optim.name", config.optim.name in OPTIMIZERS, f"one of {OPTIMIZERS}")
   need("optim.schedule", config.optim.schedule in SCHEDULES, f"one of {SCHEDULES}")
   unit("optim.end_lr_fraction")
@@ -249,7 +282,7 @@ def validate(config) -> ml_collections.ConfigDict:
          "1.0 when rl.alpha < 1 (the policy gradient needs student samples every step)")
     need("mode", config.mode == "gkd", "'gkd' when rl.alpha < 1")
   for axis in ("data", "fsdp", "model"):
-    v = get(f"mesh.{axis}")
+    v = value(f"mesh.{axis}")
     need(f"mesh.{axis}", isinstance(v, int) and (v >= 1 or (axis == "data" and v == -1)),
          "a positive int (data may be -1: all remaining devices)")
   return config

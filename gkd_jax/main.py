@@ -2,11 +2,17 @@
 
 Overrides: ``--config.gkd.lmbda=0.5`` (ml_collections), or gin syntax on the same
 keys: ``--gin_bindings='gkd.lmbda = 0.5'`` / ``--gin_file=overrides.gin``. Gin
-overrides apply after the ``--config.*`` ones.
+overrides apply after the ``--config.*`` ones. ``--config.KEY=VALUE`` values are Python
+literals (else strings); new entries of the free-form dicts work too:
+``--config.data.paths.train=/data/train.jsonl``.
+
+A bad config, data file, model file or workdir ends the run with one line naming the
+culprit (exit status 1; the traceback with ``--verbose``).
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import os
@@ -24,7 +30,13 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file (configs
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, samples, export.")
 flags.DEFINE_multi_string("gin_file", [], "Gin files of 'section.key = value' overrides.")
 flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings 'section.key = value'.")
+flags.DEFINE_bool("allow_config_change", False, "Resume although settings that change the result "
+                  "differ from the ones that made the workdir's checkpoints.")
+flags.DEFINE_bool("verbose", False, "Show the traceback of a failed run.")
 FLAGS = flags.FLAGS
+# --config.KEY=VALUE flags are taken out of argv and set after the config file loads, so that
+# an unknown key is one line naming it and new entries of the free-form dicts can be added.
+_OVERRIDES: list = []  # (dotted key, value)
 
 
 def gin_overrides(texts):
@@ -51,6 +63,35 @@ def apply_overrides(config, pairs):
   return config_lib.set_keys(config, pairs, source="gin override")
 
 
+def take_overrides(argv):
+  """argv without its ``--config.KEY=VALUE`` flags -> (argv, [(KEY, VALUE text)])."""
+  rest, pairs = [], []
+  for arg in argv:
+    if arg.startswith("--config.") and "=" in arg:
+      pairs.append(tuple(arg[len("--config."):].split("=", 1)))
+    else:
+      rest.append(arg)
+  return rest, pairs
+
+
+def typed(config, pairs):
+  """[(key, text)] -> [(key, value)]: the text itself for a string key, else a Python literal
+  (a string when it is none)."""
+  out = []
+  for key, text in pairs:
+    try:
+      current = config_lib.get(config, key)
+    except (KeyError, AttributeError):
+      current = None
+    if not isinstance(current, str):
+      try:
+        text = ast.literal_eval(text)
+      except (ValueError, SyntaxError):
+        pass
+    out.append((key, text))
+  return out
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -65,14 +106,42 @@ def main(argv):
     with open(path) as f:
       texts.append(f.read())
   try:
-    config = apply_overrides(FLAGS.config, gin_overrides(texts))
+    FLAGS.config.to_dict  # a config file that failed to load raises its error here
+  except Exception as e:  # noqa: BLE001 - ml_collections re-raises the loader's error
+    raise app.UsageError(f"--config: {one_line(e)}") from e
+  try:
+    config = config_lib.set_keys(FLAGS.config, typed(FLAGS.config, _OVERRIDES), source="--config")
+    config = apply_overrides(config, gin_overrides(texts))
   except ValueError as e:
     raise app.UsageError(str(e)) from e
-  from gkd_jax import train
-  summary = train.run(config, FLAGS.workdir)
+  code, summary, error = execute(config, FLAGS.workdir, FLAGS.allow_config_change, FLAGS.verbose)
+  if error:
+    print(f"gkd_jax: error: {error}", file=sys.stderr)
+    return code
   print(json.dumps({k: v for k, v in summary.items() if k != "samples"}, indent=2, default=str))
   print(report(summary))
-  return 0 if summary["status"] in ("done", "preempted") else 1
+  return code
+
+
+def execute(config, workdir, allow_config_change=False, verbose=False):
+  """train.run with the command line's outcome -> (exit status, summary or None, error line).
+
+  A bad input or a failed write is one line (exit 1); verbose re-raises it with its traceback.
+  """
+  from gkd_jax import train
+  try:
+    summary = train.run(config, workdir, allow_config_change=allow_config_change)
+  except (ValueError, OSError, FloatingPointError, train.CheckpointError) as e:
+    if verbose:
+      raise
+    return 1, None, one_line(e)
+  return (0 if summary["status"] in ("done", "preempted") else 1), summary, ""
+
+
+def one_line(e) -> str:
+  """An exception as one line: its message (a system error's also its type)."""
+  text = " ".join(str(e).split()) or type(e).__name__
+  return f"{type(e).__name__}: {text}" if isinstance(e, OSError) and e.errno else text
 
 
 def report(summary) -> str:
@@ -101,4 +170,5 @@ def report(summary) -> str:
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
+  sys.argv, _OVERRIDES[:] = take_overrides(sys.argv)
   app.run(main)

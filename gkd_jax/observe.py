@@ -60,13 +60,21 @@ class _EventWriter:
 class MetricsLogger:
     """Appends metrics to ``workdir/metrics.jsonl`` and TensorBoard events under ``workdir/tb/``."""
 
-    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True,
+                 keep_until: int | None = None):
+        """keep_until: a resumed run's start step; rows an interrupted sitting logged after it
+        (they are logged again) are dropped first. -1 drops every row (a run starting over)."""
         self.workdir, self.enabled = workdir, enabled
         self.path = os.path.join(workdir, METRICS_FILE)
         self._file = self._tb = None
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
+        if keep_until is not None and os.path.isfile(self.path):
+            kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= keep_until]
+            with open(self.path + ".tmp", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+            os.replace(self.path + ".tmp", self.path)
         self._file = open(self.path, "a", encoding="utf-8")
         if self._file.tell() > 0:  # resuming: end a line a killed run left cut short
             with open(self.path, "rb") as f:
@@ -87,10 +95,13 @@ class MetricsLogger:
             except (TypeError, ValueError) as e:
                 raise ValueError(f"metric {key!r} is not a number: {value!r}") from e
         row = {"step": int(step), **{k: v if math.isfinite(v) else None for k, v in values.items()}}
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
-        if self._tb is not None:
-            self._tb.scalars(int(step), values)
+        try:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+            if self._tb is not None:
+                self._tb.scalars(int(step), values)
+        except OSError as e:  # e.g. a full disk: say which file
+            raise OSError(e.errno, f"{e.strerror}: could not write metrics to {self.workdir}") from e
 
     def close(self) -> None:
         if self._file is not None:

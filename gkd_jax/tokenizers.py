@@ -10,6 +10,8 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 
+from gkd_jax import files
+
 # Used when a tokenizer has no chat template of its own (SmolLM2's format, without its system prompt).
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -23,11 +25,6 @@ CHATML_TEMPLATE = (
 _GGUF_PRE_SPLITS = {"gpt2": None, "smollm": r"\p{N}"}
 _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4  # llama.cpp token types
 _SPECIALS = ("bos", "eos", "pad", "unk")
-
-
-def _read_json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def _token_content(value):
@@ -77,7 +74,7 @@ class Tokenizer:
         config = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
             if os.path.isfile(os.path.join(path, name)):
-                config.update(_read_json(os.path.join(path, name)))
+                config.update(files.read_json(os.path.join(path, name)))
         for name in _SPECIALS:
             content = _token_content(config.get(f"{name}_token"))
             if content is not None:

@@ -12,10 +12,12 @@ one exactly.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
 import time
@@ -28,9 +30,20 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from gkd_jax import config as config_lib
-from gkd_jax import evaluation, models, sampling, sharding, steps
+from gkd_jax import evaluation, files, models, sampling, sharding, steps
 
 log = logging.getLogger("gkd_jax")
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be written (disk full, permissions, ...)."""
+
+
+# Config keys that do not change the trained weights: a run may resume with other values (logged),
+# and a teacher-SFT stage is shared across them. mesh.* changes only the layout.
+RESULT_FREE = ("eval.", "data.eval_split", "data.data_dir", "data.paths", "teacher.sft.dir",
+               "teacher.sft.zero_shot_eval", "train.log_every", "train.ckpt_every",
+               "train.keep_ckpts", "train.eval_every", "train.export_hf", "mesh.")
 
 
 # ------------------------------------------------------------------------ setup
@@ -46,6 +59,54 @@ def check_workdir(workdir: str) -> str:
   except OSError as e:
     raise ValueError(f"workdir {workdir!r} is not writable: {e}") from e
   return workdir
+
+
+def _model_path_exists(path: str) -> bool:
+  return path in models.ALIASES or os.path.exists(path)
+
+
+def preflight(c) -> None:
+  """The checks that need no model: mesh, data task, format, source and files (read and parsed),
+  model paths, pruning. Runs before any model loads or anything compiles; errors name the config
+  key, or the file (and line).
+  """
+  from gkd_jax.data import batching, tasks
+
+  make_mesh(c)
+  d = c.data
+  try:
+    spec = tasks.get_spec(d.task)
+  except ValueError as e:
+    raise ValueError(f"config.data.task = {d.task!r}: {e}") from None
+  try:
+    source = tasks.choose_source(spec, d.source or None, d.data_dir, dict(d.paths))
+  except ValueError as e:
+    raise ValueError(f"config.data.source = {d.source!r}: {e}") from None
+  if d.prompt_format not in tasks.PROMPT_FORMATS:
+    raise ValueError(f"config.data.prompt_format = {d.prompt_format!r}: must be one of "
+                     f"{tasks.PROMPT_FORMATS}")
+  if d.overlong not in batching.OVERLONG:
+    raise ValueError(f"config.data.overlong = {d.overlong!r}: must be one of "
+                     f"{tuple(batching.OVERLONG)}")
+  if source == "local":  # the files are read (and parsed) now; the pipeline reads them again
+    for split in dict.fromkeys([d.train_split] + ([d.eval_split] if c.eval.num_examples else [])):
+      if not spec.read_local(split, d.data_dir or None, dict(d.paths) or None):
+        raise ValueError(f"config.data: split {split!r} of task {d.task!r} has no examples")
+  for key in ("teacher.path",) + (("student.path",) if c.student.init == "path" else ()):
+    path = config_lib.get(c, key)
+    if not _model_path_exists(path):
+      raise ValueError(f"config.{key} = {path!r}: no such file, directory or model alias "
+                       f"({sorted(models.ALIASES)})")
+  if c.student.init == "prune":
+    keep = list(c.student.keep_layers)
+    bad = [i for i in keep if not isinstance(i, int) or isinstance(i, bool) or i < 0]
+    if not keep or bad or len(set(keep)) != len(keep):
+      raise ValueError(f"config.student.keep_layers = {tuple(keep)}: must be distinct layer "
+                       "indices >= 0")
+    n = models.layer_count(c.teacher.path)
+    if n is not None and max(keep) >= n:
+      raise ValueError(f"config.student.keep_layers = {tuple(keep)}: the teacher has {n} "
+                       f"layers (indices 0..{n - 1})")
 
 
 def make_mesh(c):
@@ -165,6 +226,12 @@ class Trainer:
     c = self.config
     self.is_main = jax.process_index() == 0
     self.mesh = make_mesh(c)
+    shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    micro = c.data.batch_size // c.optim.grad_accum
+    if micro % shards:
+      log.warning("the (micro-)batch of %d rows does not divide over the %d batch shards (mesh "
+                  "data x fsdp): every device computes the whole batch; use a multiple of %d",
+                  micro, shards, shards)
     self.rules = sharding.make_rules(c.mesh.rules)
     self.place = Batches(self.mesh, self.rules)
     self.teacher, self.tokenizer = models.load(self.teacher_path or c.teacher.path,
@@ -191,6 +258,7 @@ class Trainer:
         os.path.join(self.workdir, "ckpt"),
         options=ocp.CheckpointManagerOptions(max_to_keep=c.train.keep_ckpts,
                                              enable_async_checkpointing=True))
+    self.saved_step = None  # the newest step on disk (restored or saved by this process)
     self.reward_fn = None
     if self.spec.rl_alpha < 1 and not self.spec.token_rkl_reward:
       from gkd_jax import rewards
@@ -222,23 +290,62 @@ class Trainer:
 
   # -- checkpoints --------------------------------------------------------------------
   def save(self, step, wait=False):
-    state = {"params": self.params, "opt_state": self.opt_state}
-    self.ckpt.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"step": step})), force=True)
-    if wait:
-      self.ckpt.wait_until_finished()
+    """Saves step (asynchronously unless wait); a step already on disk is not written again.
+    A failed write (this one's or an earlier asynchronous one's) raises CheckpointError."""
+    self.check_saves()  # an earlier asynchronous save's failure is reported with its own step
+    try:
+      if step != self.saved_step:
+        state = {"params": self.params, "opt_state": self.opt_state}
+        self.ckpt.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"step": step})),
+            force=True)
+      if wait:
+        self.ckpt.wait_until_finished()
+        self.ckpt.check_for_errors()
+    except Exception as e:
+      raise checkpoint_error(e, self.ckpt.directory, step) from e
+    self.saved_step = step
+
+  def check_saves(self):
+    """Raises CheckpointError if an asynchronous save has failed (cheap, non-blocking)."""
+    try:
+      self.ckpt.check_for_errors()
+    except Exception as e:
+      raise checkpoint_error(e, self.ckpt.directory, self.saved_step) from e
 
   def restore(self) -> int:
-    step = self.ckpt.latest_step()
-    if step is None:
-      return 0
+    """Restores the newest intact checkpoint -> its step (0: none). A step that cannot be read
+    is moved to workdir/ckpt_broken/ (never deleted) with a warning, and the one before is tried."""
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             {"params": self.params, "opt_state": self.opt_state})
-    r = self.ckpt.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    self.params, self.opt_state = r.state["params"], r.state["opt_state"]
-    log.info("resumed from %s at step %d", self.ckpt.directory, step)
-    return int(r.meta["step"])
+    for step in sorted(self.ckpt.all_steps(), reverse=True):
+      try:
+        r = self.ckpt.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+      except Exception as e:  # truncated files, missing metadata, wrong structure, ...
+        where = self.set_aside(step)
+        log.warning("checkpoint step %d in %s cannot be read (%s: %s); moved it to %s and "
+                    "trying the previous one", step, self.ckpt.directory, type(e).__name__,
+                    _first_line(e), where)
+        continue
+      self.params, self.opt_state = r.state["params"], r.state["opt_state"]
+      self.saved_step = step
+      log.info("resumed from %s at step %d", self.ckpt.directory, step)
+      return int(r.meta["step"])
+    return 0
+
+  def set_aside(self, step) -> str:
+    """Moves checkpoint step out of the manager's directory (so that it can be written again)."""
+    src = os.path.join(os.fspath(self.ckpt.directory), str(step))
+    dst = os.path.join(self.workdir, "ckpt_broken", f"{step}.{int(time.time())}")
+    if self.is_main:
+      os.makedirs(os.path.dirname(dst), exist_ok=True)
+      shutil.move(src, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"ckpt_set_aside_{step}")
+    self.ckpt.reload()
+    return dst
 
   # -- one step -----------------------------------------------------------------------
   def make_views(self, batch, step, sft=False):
@@ -354,9 +461,6 @@ class Trainer:
 
 
 # ------------------------------------------------------------------------ teacher SFT stage
-# Keys of the stage config that do not change the fine-tuned teacher's weights.
-_STAGE_FREE = ("eval.", "data.eval_split", "teacher.sft.zero_shot_eval", "train.log_every",
-               "train.ckpt_every", "train.keep_ckpts", "train.eval_every", "train.export_hf")
 
 
 def teacher_sft_config(c) -> ml_collections.ConfigDict:
@@ -393,16 +497,14 @@ def prepare_teacher(c, workdir) -> tuple[str, dict]:
   want = json.loads(stage.to_json_best_effort())
   recorded = os.path.join(sdir, "config.json")
   if os.path.isfile(recorded):
-    with open(recorded) as f:
-      have = json.load(f)
-    diff = config_lib.config_diff(have, want, ignore=_STAGE_FREE)
+    have = files.read_json(recorded)
+    diff = config_lib.config_diff(have, want, ignore=RESULT_FREE)
     if diff:
       raise ValueError(f"teacher.sft.dir {sdir!r} holds a teacher-SFT stage made with other "
                        f"settings ({', '.join(diff)}); point teacher.sft.dir elsewhere or remove it")
   done = os.path.join(sdir, "summary.json")
   if os.path.isfile(done):
-    with open(done) as f:
-      summary = json.load(f)
+    summary = files.read_json(done)
     if summary.get("status") == "done" and os.path.isdir(os.path.join(sdir, "hf")):
       log.info("teacher-SFT stage: reusing %s", sdir)
       return os.path.join(sdir, "hf"), summary
@@ -426,21 +528,132 @@ def write_summary(workdir, summary):
   os.replace(path + ".tmp", path)
 
 
-def run(config, workdir: str) -> dict:
-  """Trains per ``config`` in ``workdir`` (resuming from its latest checkpoint); returns a summary
-  (also written to ``workdir/summary.json``)."""
+def checkpoint_steps(workdir) -> list[int]:
+  """Steps of the committed checkpoints in workdir/ckpt (orbax's unfinished tmp dirs excluded)."""
+  d = os.path.join(workdir, "ckpt")
+  return sorted(int(x) for x in os.listdir(d) if x.isdigit()) if os.path.isdir(d) else []
+
+
+def check_resume(c, workdir, allow_change=False) -> dict:
+  """Checks ``c`` against the config that made workdir's checkpoints -> the summary of the
+  earlier sitting ({} when there is nothing to resume).
+
+  A different value of a key that changes the result raises ValueError naming the keys, unless
+  allow_change; other keys (RESULT_FREE) may change with a warning. The config being replaced
+  is kept as config.step{N}.json.
+  """
+  steps = checkpoint_steps(workdir)
+  recorded = os.path.join(workdir, "config.json")
+  if not steps:
+    return {}
+  if os.path.isfile(recorded):
+    have, want = files.read_json(recorded), json.loads(c.to_json_best_effort())
+    diff = config_lib.config_diff(have, want)
+    hard = [k for k in diff if not k.startswith(RESULT_FREE)]
+    fa, fb = config_lib.flatten(have), config_lib.flatten(want)
+    show = lambda keys: ", ".join(f"{k} {fa.get(k)!r} -> {fb.get(k)!r}" for k in keys[:6]) + (
+        f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+    if hard and not allow_change:
+      raise ValueError(
+          f"workdir {workdir} holds checkpoints (up to step {steps[-1]}) made with another "
+          f"config: {show(hard)}. Resume with the same settings, use a new --workdir, or pass "
+          "--allow_config_change to go on with the new ones")
+    if diff:
+      log.warning("resuming %s at step %d with changed settings: %s", workdir, steps[-1],
+                  show(diff))
+      backup = os.path.join(workdir, f"config.step{steps[-1]}.json")
+      if jax.process_index() == 0 and not os.path.exists(backup):
+        shutil.copyfile(recorded, backup)
+  path = os.path.join(workdir, "summary.json")
+  return files.read_json(path) if os.path.isfile(path) else {}
+
+
+def _eval_settings(c) -> dict:
+  return {"config_eval": c.eval.to_dict(), "eval_split": c.data.eval_split}
+
+
+def is_finished(c, workdir, summary) -> bool:
+  """The earlier sitting finished everything this config asks (checkpoint, eval, export)."""
+  return (summary.get("status") == "done" and summary.get("step") == c.train.steps
+          and c.train.steps in checkpoint_steps(workdir)
+          and (not c.train.export_hf or os.path.isfile(os.path.join(workdir, "hf", "config.json")))
+          and (not c.eval.num_examples or ("after" in summary.get("eval", {})
+                                           and summary.get("config_eval") == c.eval.to_dict()
+                                           and summary.get("eval_split") == c.data.eval_split)))
+
+
+def planned_sources(c) -> dict[str, int]:
+  """How many steps draw each data source (a pure function of the config; see step_source)."""
+  out = {}
+  for step in range(c.train.steps):
+    if c.mode == "sft" or step < c.train.sft_warmup_steps:
+      source = "sft"
+    else:
+      source = step_source(c.seed, step, c.gkd.lmbda, c.gkd.seq_kd)
+    out[source] = out.get(source, 0) + 1
+  return out
+
+
+def _first_line(e) -> str:
+  return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+def _os_error(e):
+  """The first OSError with an errno in e's cause/context chain (or exception group)."""
+  stack, seen = [e], set()
+  while stack:
+    x = stack.pop()
+    if x is None or id(x) in seen:
+      continue
+    seen.add(id(x))
+    if isinstance(x, OSError) and x.errno:
+      return x
+    stack += [x.__cause__, x.__context__, *getattr(x, "exceptions", ())]
+  return None
+
+
+def checkpoint_error(e, directory, step) -> CheckpointError:
+  err = _os_error(e)
+  if err is not None:
+    cause = err.strerror or os.strerror(err.errno)
+    cause += f" ({err.filename})" if err.filename else ""
+  elif "No space left" in str(e):
+    cause = os.strerror(errno.ENOSPC)
+  else:
+    cause = f"{type(e).__name__}: {_first_line(e)}"
+  return CheckpointError(f"could not write checkpoint step {step} in {directory}: {cause}")
+
+
+def run(config, workdir: str, allow_config_change: bool = False) -> dict:
+  """Trains per ``config`` in ``workdir`` (resuming from its newest intact checkpoint); returns a
+  summary (also written to ``workdir/summary.json``).
+
+  Every check that needs no model runs first. A finished run is not redone: its summary is
+  returned (a missing final eval or export is redone). allow_config_change: resume although
+  result-changing keys differ from the config that made the checkpoints.
+  """
   t0 = time.time()
   c = config_lib.validate(config)
+  preflight(c)
   workdir = check_workdir(workdir)
+  earlier = check_resume(c, workdir, allow_config_change)
+  if is_finished(c, workdir, earlier):
+    log.info("%s: this run is finished (step %d); nothing to do", workdir, earlier["step"])
+    return earlier
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(c.to_json_best_effort(indent=2))
   teacher_path, stage = prepare_teacher(c, workdir)
-  summary = {"workdir": workdir, "status": "done", "primary_metric": primary_metric(c.data.task),
-             "eval": {}}
+  summary = {"workdir": workdir, "status": "running", "primary_metric": primary_metric(c.data.task),
+             **_eval_settings(c), "eval": {}}
+  if {k: earlier.get(k) for k in ("config_eval", "eval_split")} == _eval_settings(c):
+    summary["eval"] = dict(earlier.get("eval", {}))  # before / teacher / warm-up rows
   if stage:
     summary["teacher_sft"] = {"dir": stage["workdir"], "steps": c.teacher.sft.steps,
                               "zero_shot": stage["eval"].get("before"),
                               "after_sft": stage["eval"].get("after")}
   summary = _run(c, workdir, teacher_path, summary, stage)
-  summary["wall_s"] = time.time() - t0
+  summary["wall_s"] = time.time() - t0 + (earlier.get("wall_s") or 0.0)
   if jax.process_index() == 0:
     write_summary(workdir, summary)
   return summary
@@ -453,11 +666,8 @@ def _run(c, workdir, teacher_path, summary, stage) -> dict:
   tr.setup()
   tr.key = jax.random.PRNGKey(c.seed)
   start = tr.restore()
-  logger = observe.MetricsLogger(workdir, enabled=tr.is_main)
+  logger = observe.MetricsLogger(workdir, enabled=tr.is_main, keep_until=start if start else -1)
   summary["start_step"] = start
-  if tr.is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(c.to_json_best_effort(indent=2))
   if start == 0 and c.eval.num_examples and c.eval.at_start:
     summary["eval"]["before"] = tr.eval_student(0, logger)[0]
     if c.eval.teacher and c.mode == "gkd":
@@ -468,10 +678,12 @@ def _run(c, workdir, teacher_path, summary, stage) -> dict:
       else:
         summary["eval"]["teacher"], _ = tr.evaluate(tr.teacher, "teacher")
       logger.write(0, summary["eval"]["teacher"], prefix="teacher")
+  if tr.is_main:  # a record of this sitting from the start (status "running")
+    write_summary(workdir, summary)
   stop = {"flag": False}
   previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
   progress = observe.Progress(c.train.steps, start_step=start, enabled=tr.is_main)
-  acc, sources, window, t_last, last_good = {}, {}, {}, time.time(), start
+  acc, window, t_last = {}, {}, time.time()
   try:
     batches = tr.train_batches(start)
     for step in range(start, c.train.steps):
@@ -479,11 +691,12 @@ def _run(c, workdir, teacher_path, summary, stage) -> dict:
       metrics, source = tr.train_step(batch, step)
       loss = float(metrics.pop("loss")[0])
       if not math.isfinite(loss) or not float(metrics.pop("params_finite")[0]):
+        good = (f"the last good checkpoint (step {tr.saved_step}) in {workdir}/ckpt is intact"
+                if tr.saved_step else "no checkpoint had been written yet")
         raise FloatingPointError(
-            f"non-finite loss ({loss}) or parameters at step {step}; stopping. The last good "
-            f"checkpoint (step {last_good}) in {workdir}/ckpt is intact")
+            f"non-finite loss ({loss}) or parameters at step {step}; stopping. {good}")
+      tr.check_saves()
       metrics["loss"] = (loss, 1.0)
-      sources[source] = sources.get(source, 0) + 1
       window[source] = window.get(source, 0) + 1
       for k, (s, n) in metrics.items():
         a = acc.setdefault(k, [0.0, 0.0])
@@ -502,20 +715,19 @@ def _run(c, workdir, teacher_path, summary, stage) -> dict:
         acc, window, t_last = {}, {}, time.time()
       if c.train.ckpt_every and done % c.train.ckpt_every == 0 and done < c.train.steps:
         tr.save(done)
-        last_good = done
       if c.train.eval_every and done % c.train.eval_every == 0 and done < c.train.steps:
         tr.eval_student(done, logger)
       if done == c.train.sft_warmup_steps and c.eval.num_examples and done < c.train.steps:
         summary["eval"]["after_sft_warmup"] = tr.eval_student(done, logger)[0]
+        if tr.is_main:
+          write_summary(workdir, summary)
       if stop["flag"]:
         tr.save(done, wait=True)
         summary.update(status="preempted", step=done)
         log.warning("SIGTERM: saved step %d and stopped", done)
         return summary
-    summary["config_eval"], summary["eval_split"] = c.eval.to_dict(), c.data.eval_split
-    tr.save(c.train.steps, wait=True)
-    summary["step"] = c.train.steps
-    summary["sources"] = sources
+    tr.save(c.train.steps, wait=True)  # a no-op when a resumed run restored the final step
+    summary.update(step=c.train.steps, sources=planned_sources(c))
     if c.eval.num_examples:
       summary["eval"]["after"], summary["samples"] = tr.eval_student(c.train.steps, logger)
     if c.train.export_hf:
@@ -524,13 +736,17 @@ def _run(c, workdir, teacher_path, summary, stage) -> dict:
                  else tr.params)
     if c.train.export_hf and tr.is_main:
       summary["export"] = models.save_hf(tr.student, tr.tokenizer, os.path.join(workdir, "hf"))
+    summary["status"] = "done"
     return summary
   finally:
     signal.signal(signal.SIGTERM, previous)
     progress.close()
     logger.close()
-    tr.ckpt.wait_until_finished()
-    tr.ckpt.close()
+    try:  # an earlier save failure is already being reported; don't raise it a second time
+      tr.ckpt.wait_until_finished()
+      tr.ckpt.close()
+    except Exception as e:
+      log.warning("checkpoint manager: %s", _first_line(e))
     if tr.is_main:
       try:
         observe.plot(workdir)

@@ -133,10 +133,10 @@ def test_instruct_t5_uses_file_prompt(seqio_tasks, tok, data_dir):
 
 
 # ------------------------------------------------------------------ batches
-def test_decoder_batch_layout(seqio_tasks, tok, data_dir):
+def test_decoder_batch_layout(seqio_tasks, tok):
     examples = pipeline.load_examples("xsum", "validation", tokenizer=tok, prompt_format="chat",
-                                      data_dir=data_dir, max_prompt_len=512, max_target_len=64)
-    it = pipeline.get_dataset("xsum", "validation", tokenizer=tok, prompt_format="chat", data_dir=data_dir,
+                                      source="local", max_prompt_len=512, max_target_len=64)
+    it = pipeline.get_dataset("xsum", "validation", tokenizer=tok, prompt_format="chat", source="local",
                               max_prompt_len=512, max_target_len=64, batch_size=4, shuffle=False)
     b = next(it)
     B, L = b["tokens"].shape
@@ -161,15 +161,15 @@ def test_decoder_batch_layout(seqio_tasks, tok, data_dir):
     np.testing.assert_array_equal(shifted, b["target_tokens"][np.arange(T)[None, :] < b["target_lengths"][:, None]])
 
 
-def test_resume_shard_seed_and_buckets(seqio_tasks, tok, data_dir):
-    kwargs = dict(tokenizer=tok, prompt_format="chat", data_dir=data_dir, max_prompt_len=512,
+def test_resume_shard_seed_and_buckets(seqio_tasks, tok):
+    kwargs = dict(tokenizer=tok, prompt_format="chat", source="local", max_prompt_len=512,
                   max_target_len=64, batch_size=8, seed=3, shard_index=0, num_shards=1)
     full = take(pipeline.get_dataset("xsum", "validation", **kwargs), 30)  # 240 rows: crosses 2 epochs
     for k in (1, 12, 25):
         same_batches(take(pipeline.get_dataset("xsum", "validation", start_step=k, **kwargs), 5), full[k:k + 5])
     # one epoch visits every example once
     examples = pipeline.load_examples("xsum", "validation", tokenizer=tok, prompt_format="chat",
-                                      data_dir=data_dir, max_prompt_len=512, max_target_len=64)
+                                      source="local", max_prompt_len=512, max_target_len=64)
     order = pipeline.stream_indices(len(examples), 0, 100, seed=3)
     assert sorted(order.tolist()) == list(range(100))
     other_seed = next(pipeline.get_dataset("xsum", "validation", **{**kwargs, "seed": 4}))
@@ -185,8 +185,8 @@ def test_resume_shard_seed_and_buckets(seqio_tasks, tok, data_dir):
     assert len(shapes) <= 9
 
 
-def test_finite_epochs_and_padded_last_batch(seqio_tasks, tok, data_dir):
-    kwargs = dict(tokenizer=tok, prompt_format="chat", data_dir=data_dir, max_prompt_len=512,
+def test_finite_epochs_and_padded_last_batch(seqio_tasks, tok):
+    kwargs = dict(tokenizer=tok, prompt_format="chat", source="local", max_prompt_len=512,
                   max_target_len=64, batch_size=32, num_epochs=1)
     assert len(list(pipeline.get_dataset("xsum", "validation", **kwargs))) == 3
     batches = list(pipeline.get_dataset("xsum", "validation", drop_remainder=False, **kwargs))
@@ -219,9 +219,9 @@ def test_encdec_batch_with_sentencepiece(seqio_tasks, sp_model, data_dir):
 
 
 # ------------------------------------------------------------------ over-long, empty and bad input
-def test_overlong_truncate_and_drop(seqio_tasks, tok, data_dir, caplog):
+def test_overlong_truncate_and_drop(seqio_tasks, tok, caplog):
     caplog.set_level(logging.INFO, logger="gkd_jax.data")
-    common = dict(tokenizer=tok, prompt_format="chat", data_dir=data_dir, max_target_len=48)
+    common = dict(tokenizer=tok, prompt_format="chat", source="local", max_target_len=48)
     long = pipeline.load_examples("xsum", "validation", max_prompt_len=4096, **common)
     too_long = sum(len(e["prompt"]) > 200 or len(e["target"]) > 48 for e in long)
     assert 0 < too_long < 100
@@ -261,11 +261,11 @@ def test_bad_input(seqio_tasks, tok, tmp_path, caplog):
 def test_tfds_source_preprocessing(seqio_tasks, tok):
     import tensorflow as tf
 
-    assert seqio_tasks.choose_source(tasks.get_spec("xsum")) == "tfds"
-    assert seqio_tasks.choose_source(tasks.get_spec("xsum"), data_dir="/d") == "local"
-    assert seqio_tasks.choose_source(tasks.get_spec("scitldr")) == "local"
+    assert tasks.choose_source(tasks.get_spec("xsum")) == "tfds"
+    assert tasks.choose_source(tasks.get_spec("xsum"), data_dir="/d") == "local"
+    assert tasks.choose_source(tasks.get_spec("scitldr")) == "local"
     with pytest.raises(ValueError, match="no TFDS source"):
-        seqio_tasks.choose_source(tasks.get_spec("instruct"), "tfds")
+        tasks.choose_source(tasks.get_spec("instruct"), "tfds")
     task = seqio_tasks.get_task("xsum", tokenizer=tok, source="tfds")
     assert task.source.tfds_dataset.name.startswith("xsum")
     fake = tf.data.Dataset.from_tensor_slices({"document": ["The cat sat."], "summary": ["A cat."], "id": ["1"]})

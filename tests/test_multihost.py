@@ -17,7 +17,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from gkd_jax import train
-from test_train import ROOT, tiny_config, tiny_dirs  # noqa: F401  (tiny_dirs is a fixture)
+from test_train import ROOT, tiny_config
 
 MULTIHOST = os.path.join(ROOT, "launch", "multihost.py")
 # lmbda 0.5 over 4 steps, seed 3: step 1 is on-policy, steps 2-4 train on the dataset. The

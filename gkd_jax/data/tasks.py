@@ -19,6 +19,7 @@ from gkd_jax.data import metrics, sources
 
 PROMPT_FORMATS = ("t5", "chat")
 MODEL_KINDS = ("decoder", "encdec")
+SOURCES = ("local", "tfds")
 _SENTINELS = ("\ue000GKD_PROMPT\ue000", "\ue001other prompt text\ue001")
 
 
@@ -51,6 +52,17 @@ def get_spec(name: str) -> TaskSpec:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; registered tasks: {sorted(TASKS)}")
     return TASKS[name]
+
+
+def choose_source(spec, source=None, data_dir=None, paths=None) -> str:
+    """`source`, or by default "local" when data_dir/paths are given or the task has no TFDS source."""
+    if source is None:
+        source = "local" if (data_dir or paths or spec.tfds_name is None) else "tfds"
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}; known: {list(SOURCES)}")
+    if source == "tfds" and spec.tfds_name is None:
+        raise ValueError(f"task {spec.name!r} has no TFDS source; use local files (data_dir / paths)")
+    return source
 
 
 def chat_parts(tokenizer) -> tuple[str, str]:

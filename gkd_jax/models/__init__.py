@@ -66,29 +66,35 @@ def converter(arch: str):
 
 
 def read_safetensors(model_dir: str) -> dict:
-  """HF-named numpy arrays from model.safetensors or a sharded index."""
-  from safetensors import safe_open
+  """HF-named numpy arrays from model.safetensors or a sharded index.
+
+  A corrupt or truncated file raises ValueError naming it.
+  """
+  from safetensors import SafetensorError, safe_open
 
   index = os.path.join(model_dir, "model.safetensors.index.json")
   single = os.path.join(model_dir, "model.safetensors")
   if os.path.isfile(index):
-    with open(index) as f:
-      weight_map = json.load(f).get("weight_map")
-    if not weight_map:
-      raise ValueError(f"{index} has no 'weight_map'")
-    files = sorted(set(weight_map.values()))
+    weight_map = files.read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+      raise ValueError(f"{index} has no 'weight_map' object")
+    shards = sorted(set(weight_map.values()))
   elif os.path.isfile(single):
-    files, weight_map = ["model.safetensors"], None
+    shards, weight_map = ["model.safetensors"], None
   else:
     raise ValueError(f"{model_dir!r} has neither model.safetensors nor model.safetensors.index.json")
   state = {}
-  for name in files:
+  for name in shards:
     path = os.path.join(model_dir, name)
     if not os.path.isfile(path):
       raise ValueError(f"weight shard {name!r} listed in the index is missing from {model_dir!r}")
-    with safe_open(path, framework="numpy") as f:
-      for key in f.keys():
-        state[key] = f.get_tensor(key)
+    try:
+      with safe_open(path, framework="numpy") as f:
+        for key in f.keys():
+          state[key] = f.get_tensor(key)
+    except SafetensorError as e:
+      cause = " ".join(str(e).split())
+      raise ValueError(f"model file {path} is corrupt or truncated (safetensors: {cause})") from None
   if weight_map is not None:
     missing = sorted(set(weight_map) - set(state))
     if missing:
@@ -130,8 +136,7 @@ def load(path_or_alias, dtype=None, param_dtype=None):
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
       raise ValueError(f"model directory {path!r} has no config.json")
-    with open(config_path) as f:
-      hf_config = json.load(f)
+    hf_config = files.read_json(config_path)
     state = read_safetensors(path)
     tokenizer = _hf_tokenizer(path)
   else:
@@ -165,3 +170,21 @@ def _default_architecture(cfg) -> str:
   if type(cfg).__name__.startswith("T5"):
     return "T5ForConditionalGeneration"
   raise ValueError(f"save_hf: cannot infer an architecture for {type(cfg).__name__}; pass architecture=")
+
+
+def layer_count(path_or_alias) -> int | None:
+  """The decoder layer count of a model from its metadata alone (no weights read); None when
+  it cannot be told cheaply (unreadable metadata is reported by `load`)."""
+  path = os.fspath(path_or_alias)
+  try:
+    if path in ALIASES:
+      path = alias_path(path)
+    if path.endswith(".gguf"):
+      import gguf
+      field = gguf.GGUFReader(path).fields.get("llama.block_count")
+      return None if field is None else int(field.contents())
+    with open(os.path.join(path, "config.json")) as f:
+      n = json.load(f).get("num_hidden_layers")
+    return n if isinstance(n, int) else None
+  except Exception:  # noqa: BLE001 - load() names the problem
+    return None

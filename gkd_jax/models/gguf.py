@@ -86,6 +86,11 @@ def _config(reader, has_lm_head: bool, tokenizer: Tokenizer) -> dict:
     }
 
 
+def _corrupt(path, error, where=None) -> ValueError:
+    cause = " ".join(f"{type(error).__name__}: {error}".split())  # one line
+    return ValueError(f"{path} is not a valid GGUF file or is truncated{f' ({where})' if where else ''}: {cause}")
+
+
 def read_gguf(path) -> tuple[dict, dict[str, np.ndarray], Tokenizer]:
     """`(hf_config, state, tokenizer)` of a Llama GGUF; state is float32 numpy, HF names and layout."""
     import gguf
@@ -96,7 +101,12 @@ def read_gguf(path) -> tuple[dict, dict[str, np.ndarray], Tokenizer]:
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise ValueError(f"not a GGUF file (no GGUF magic): {path}")
-    reader = gguf.GGUFReader(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except OSError:
+        raise
+    except Exception as e:  # the reader parses with numpy views: a short file fails in reshape, unpack, ...
+        raise _corrupt(path, e) from e
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
@@ -114,7 +124,10 @@ def read_gguf(path) -> tuple[dict, dict[str, np.ndarray], Tokenizer]:
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     state = {}
     for t in reader.tensors:
-        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        try:
+            w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        except Exception as e:
+            raise _corrupt(path, e, f"tensor {t.name!r}") from e
         kind = t.name.split(".")[-2]
         if kind in heads:
             w = unpermute_rope(w, heads[kind])
