@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+import threading
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow (data only) stays quiet
 
@@ -98,6 +99,11 @@ def main(argv):
   if FLAGS.workdir is None:
     raise app.UsageError("--workdir is required")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  if not FLAGS.verbose:  # a failed asynchronous checkpoint write is reported by the main thread
+    logging.getLogger("absl").addFilter(
+        lambda r: r.levelno < logging.ERROR or "orbax" not in r.pathname)
+    threading.excepthook = lambda a: logging.debug("background thread %s failed", a.thread,
+                                                   exc_info=(a.exc_type, a.exc_value, a.exc_traceback))
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO chatter
   texts = list(FLAGS.gin_bindings)
   for path in FLAGS.gin_file:

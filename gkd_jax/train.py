@@ -292,7 +292,11 @@ class Trainer:
   def save(self, step, wait=False):
     """Saves step (asynchronously unless wait); a step already on disk is not written again.
     A failed write (this one's or an earlier asynchronous one's) raises CheckpointError."""
-    self.check_saves()  # an earlier asynchronous save's failure is reported with its own step
+    try:  # an earlier asynchronous save's failure is reported with its own step
+      self.ckpt.wait_until_finished()
+      self.ckpt.check_for_errors()
+    except Exception as e:
+      raise checkpoint_error(e, self.ckpt.directory, self.saved_step) from e
     try:
       if step != self.saved_step:
         state = {"params": self.params, "opt_state": self.opt_state}
