@@ -376,6 +376,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_keeps_it(tiny_dirs, preempted,
   kept = [d for d in os.listdir(w / "ckpt_broken") if d.startswith("3.")]
   assert len(kept) == 1 and tree(w / "ckpt_broken" / kept[0]) == broken  # moved, not deleted
   assert_same_params(w, reference)
+  assert train_rows(w) == list(range(1, STEPS + 1))  # step 3, logged before, is not repeated
 
 
 def test_every_checkpoint_broken_starts_over(tiny_dirs, preempted, reference, tmp_path):
