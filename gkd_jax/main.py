@@ -104,6 +104,7 @@ def main(argv):
         lambda r: r.levelno < logging.ERROR or "orbax" not in r.pathname)
     threading.excepthook = lambda a: logging.debug("background thread %s failed", a.thread,
                                                    exc_info=(a.exc_type, a.exc_value, a.exc_traceback))
+    sys.excepthook = _quiet_closed_loop(sys.excepthook)
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO chatter
   texts = list(FLAGS.gin_bindings)
   for path in FLAGS.gin_file:
@@ -142,6 +143,17 @@ def execute(config, workdir, allow_config_change=False, verbose=False):
       raise
     return 1, None, one_line(e)
   return (0 if summary["status"] in ("done", "preempted") else 1), summary, ""
+
+
+def _quiet_closed_loop(hook):
+  """After a failed checkpoint write, tensorstore's native callbacks may still post to orbax's
+  closed event loop, and the errors are printed through sys.excepthook: log those at debug."""
+  def quiet(kind, value, tb):
+    if kind is RuntimeError and str(value) == "Event loop is closed":
+      logging.debug("callback after the checkpoint event loop closed", exc_info=(kind, value, tb))
+    else:
+      hook(kind, value, tb)
+  return quiet
 
 
 def one_line(e) -> str:
