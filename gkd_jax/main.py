@@ -102,6 +102,7 @@ def main(argv):
   if not FLAGS.verbose:  # a failed asynchronous checkpoint write is reported by the main thread
     logging.getLogger("absl").addFilter(
         lambda r: r.levelno < logging.ERROR or "orbax" not in r.pathname)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # orbax's own event loops only
     threading.excepthook = lambda a: logging.debug("background thread %s failed", a.thread,
                                                    exc_info=(a.exc_type, a.exc_value, a.exc_traceback))
     sys.excepthook = _quiet_closed_loop(sys.excepthook)
