@@ -33,8 +33,10 @@ BASES = ("fkl", "rkl")
 
 def check_targets(logits, targets) -> None:
   if tuple(targets.shape) != tuple(logits.shape[:-1]):
-    raise ValueError(f"targets must have shape {tuple(logits.shape[:-1])} (logits without "
-                     f"the vocab axis), got {tuple(targets.shape)}")
+    raise ValueError(
+      f"targets must have shape {tuple(logits.shape[:-1])} (logits without "
+      f"the vocab axis), got {tuple(targets.shape)}"
+    )
   if not jnp.issubdtype(targets.dtype, jnp.integer):
     raise ValueError(f"targets must be integer token ids, got dtype {targets.dtype}")
 
@@ -148,13 +150,27 @@ def metrics(parts, mask, hard):
   m = mask.astype(jnp.float32)
   n = jnp.maximum(jnp.sum(m), 1.0)
   mean = lambda x: jnp.sum(jnp.where(m > 0, x * m, 0.0)) / n
-  return {"hard_fraction": jnp.sum(hard) / n, "tkd": mean(parts["tkd"]),
-          "dkd": mean(parts["dkd"]), "uncertainty": mean(parts["uncertainty"])}
+  return {
+    "hard_fraction": jnp.sum(hard) / n,
+    "tkd": mean(parts["tkd"]),
+    "dkd": mean(parts["dkd"]),
+    "uncertainty": mean(parts["uncertainty"]),
+  }
 
 
-def atkd_loss(student_logits, teacher_logits, targets, mask, *, easy_weight=0.2,
-              hard_fraction=0.5, split="batch", base="fkl", temperature=1.0,
-              vocab_size=None):
+def atkd_loss(
+  student_logits,
+  teacher_logits,
+  targets,
+  mask,
+  *,
+  easy_weight=0.2,
+  hard_fraction=0.5,
+  split="batch",
+  base="fkl",
+  temperature=1.0,
+  vocab_size=None,
+):
   """ATKD loss on logits ``[B, T, V]``, targets ``[B, T]`` int, mask ``[B, T]`` -> (loss, metrics).
 
   base "rkl" swaps student and teacher inside TKD and DKD; the hard/easy split still
@@ -169,7 +185,8 @@ def atkd_loss(student_logits, teacher_logits, targets, mask, *, easy_weight=0.2,
   if split == "sequence" and mask.ndim != 2:
     raise ValueError(f"split 'sequence' needs [B, T] inputs, got mask shape {tuple(mask.shape)}")
   parts = decompose_log_probs(ls, lt, targets, base)
-  w_tkd, w_dkd, hard = atkd_weights(parts["uncertainty"], mask, easy_weight=easy_weight,
-                                    hard_fraction=hard_fraction, split=split)
+  w_tkd, w_dkd, hard = atkd_weights(
+    parts["uncertainty"], mask, easy_weight=easy_weight, hard_fraction=hard_fraction, split=split
+  )
   loss = weighted_loss(parts["tkd"], parts["dkd"], w_tkd, w_dkd)
   return loss, metrics(parts, mask, hard)

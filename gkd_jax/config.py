@@ -156,7 +156,6 @@ def set_keys(config, pairs, source="override"):
   return config
 
 
-
 def flatten(d, prefix="") -> dict:
   """{dotted key: value} of a nested config dict (tuples as lists, as in JSON)."""
   out = {}
@@ -198,8 +197,10 @@ def get(c, dotted):
 def validate(config) -> ml_collections.ConfigDict:
   """Raises ValueError naming the first bad key; returns the config for chaining."""
   if not isinstance(config, ml_collections.ConfigDict):
-    raise ValueError(f"the config is a {type(config).__name__}, not an ml_collections.ConfigDict: "
-                     "get_config() should return gkd_jax.config.defaults() with changes")
+    raise ValueError(
+      f"the config is a {type(config).__name__}, not an ml_collections.ConfigDict: "
+      "get_config() should return gkd_jax.config.defaults() with changes"
+    )
   have, want = _keys(config), _keys(defaults())
   unknown = sorted(have - want)
   if unknown:
@@ -207,8 +208,9 @@ def validate(config) -> ml_collections.ConfigDict:
   missing = sorted(want - have)
   if missing:
     shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-    raise ValueError(f"the config lacks key(s) {shown}: start it from gkd_jax.config.defaults() "
-                     "and change fields")
+    raise ValueError(
+      f"the config lacks key(s) {shown}: start it from gkd_jax.config.defaults() and change fields"
+    )
   value = lambda k: get(config, k)
 
   def need(key, ok, what):
@@ -226,13 +228,23 @@ def validate(config) -> ml_collections.ConfigDict:
     need(key, ok, ("an int" if integer else "a number") + (" >= 0" if zero else " > 0"))
 
   need("mode", config.mode in MODES, f"one of {MODES}")
-  need("seed", isinstance(config.seed, int) and not isinstance(config.seed, bool)
-       and 0 <= config.seed < 2**32, "an int in [0, 2**32)")
+  need(
+    "seed",
+    isinstance(config.seed, int) and not isinstance(config.seed, bool) and 0 <= config.seed < 2**32,
+    "an int in [0, 2**32)",
+  )
   need("student.init", config.student.init in STUDENT_INITS, f"one of {STUDENT_INITS}")
   if config.student.init == "path":
     need("student.path", bool(config.student.path), "a model path when student.init='path'")
-  for k in ("gkd.lmbda", "gkd.beta", "gkd.alpha", "gkd.easy_weight", "gkd.hard_fraction",
-            "rl.alpha", "gkd.top_p"):
+  for k in (
+    "gkd.lmbda",
+    "gkd.beta",
+    "gkd.alpha",
+    "gkd.easy_weight",
+    "gkd.hard_fraction",
+    "rl.alpha",
+    "gkd.top_p",
+  ):
     unit(k)
   need("gkd.top_p", config.gkd.top_p > 0, "in (0, 1]")
   need("gkd.loss", config.gkd.loss in LOSSES, f"one of {LOSSES}")
@@ -246,43 +258,84 @@ def validate(config) -> ml_collections.ConfigDict:
   need("gkd.sample_temperature", math.isfinite(config.gkd.sample_temperature), "finite")
   for k in ("optim.b1", "optim.b2"):
     v = value(k)
-    need(k, isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v < 1.0,
-         "a number in [0, 1)")
-  need("gkd.sample_dot_dtype", config.gkd.sample_dot_dtype in ("", "float32", "bfloat16", "float16"),
-       "'' (the model's own numerics), 'float32', 'bfloat16' or 'float16'")
+    need(
+      k,
+      isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v < 1.0,
+      "a number in [0, 1)",
+    )
+  need(
+    "gkd.sample_dot_dtype",
+    config.gkd.sample_dot_dtype in ("", "float32", "bfloat16", "float16"),
+    "'' (the model's own numerics), 'float32', 'bfloat16' or 'float16'",
+  )
   positive("eval.temperature", integer=False, zero=True)
   positive("gkd.ce_weight", integer=False, zero=True)
   positive("optim.weight_decay", integer=False, zero=True)
   positive("optim.clip_norm", integer=False, zero=True)
   positive("gkd.top_k", zero=True)
-  for k in ("gkd.max_new_tokens", "gkd.chunk_size", "data.max_prompt_len", "data.max_target_len",
-            "data.batch_size", "train.steps", "train.log_every", "train.keep_ckpts",
-            "eval.batch_size", "eval.max_new_tokens", "optim.grad_accum",
-            "rl.samples_per_prompt"):
+  for k in (
+    "gkd.max_new_tokens",
+    "gkd.chunk_size",
+    "data.max_prompt_len",
+    "data.max_target_len",
+    "data.batch_size",
+    "train.steps",
+    "train.log_every",
+    "train.keep_ckpts",
+    "eval.batch_size",
+    "eval.max_new_tokens",
+    "optim.grad_accum",
+    "rl.samples_per_prompt",
+  ):
     positive(k)
-  for k in ("teacher.sft.steps", "train.eval_every", "train.ckpt_every", "train.sft_warmup_steps",
-            "train.top_layers", "teacher.sft.top_layers", "teacher.sft.seed", "optim.warmup_steps", "eval.num_examples",
-            "eval.beam_size", "eval.num_samples_logged"):
+  for k in (
+    "teacher.sft.steps",
+    "train.eval_every",
+    "train.ckpt_every",
+    "train.sft_warmup_steps",
+    "train.top_layers",
+    "teacher.sft.top_layers",
+    "teacher.sft.seed",
+    "optim.warmup_steps",
+    "eval.num_examples",
+    "eval.beam_size",
+    "eval.num_samples_logged",
+  ):
     positive(k, zero=True)
   if config.mode == "gkd":
-    need("train.sft_warmup_steps", config.train.sft_warmup_steps < config.train.steps,
-         f"< train.steps={config.train.steps} (it would leave no distillation step; "
-         "for cross-entropy only use mode='sft')")
+    need(
+      "train.sft_warmup_steps",
+      config.train.sft_warmup_steps < config.train.steps,
+      f"< train.steps={config.train.steps} (it would leave no distillation step; "
+      "for cross-entropy only use mode='sft')",
+    )
   need("optim.name", config.optim.name in OPTIMIZERS, f"one of {OPTIMIZERS}")
   need("optim.schedule", config.optim.schedule in SCHEDULES, f"one of {SCHEDULES}")
   unit("optim.end_lr_fraction")
-  need("data.batch_size", config.data.batch_size % config.optim.grad_accum == 0,
-       f"divisible by optim.grad_accum={config.optim.grad_accum}")
+  need(
+    "data.batch_size",
+    config.data.batch_size % config.optim.grad_accum == 0,
+    f"divisible by optim.grad_accum={config.optim.grad_accum}",
+  )
   spp = config.rl.samples_per_prompt
-  need("data.batch_size", config.data.batch_size % spp == 0,
-       f"divisible by rl.samples_per_prompt={spp}")
+  need(
+    "data.batch_size",
+    config.data.batch_size % spp == 0,
+    f"divisible by rl.samples_per_prompt={spp}",
+  )
   need("rl.baseline", config.rl.baseline in ("mean", "none"), "mean or none")
   if config.rl.alpha < 1.0:
-    need("gkd.lmbda", config.gkd.lmbda == 1.0,
-         "1.0 when rl.alpha < 1 (the policy gradient needs student samples every step)")
+    need(
+      "gkd.lmbda",
+      config.gkd.lmbda == 1.0,
+      "1.0 when rl.alpha < 1 (the policy gradient needs student samples every step)",
+    )
     need("mode", config.mode == "gkd", "'gkd' when rl.alpha < 1")
   for axis in ("data", "fsdp", "model"):
     v = value(f"mesh.{axis}")
-    need(f"mesh.{axis}", isinstance(v, int) and (v >= 1 or (axis == "data" and v == -1)),
-         "a positive int (data may be -1: all remaining devices)")
+    need(
+      f"mesh.{axis}",
+      isinstance(v, int) and (v >= 1 or (axis == "data" and v == -1)),
+      "a positive int (data may be -1: all remaining devices)",
+    )
   return config

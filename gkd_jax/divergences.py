@@ -55,8 +55,9 @@ def check_unit(name: str, value) -> float:
 def check_pair(student_logits, teacher_logits, vocab_size=None) -> None:
   if student_logits.shape != teacher_logits.shape:
     raise ValueError(
-        "student_logits and teacher_logits must have the same shape [..., V], got "
-        f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+      "student_logits and teacher_logits must have the same shape [..., V], got "
+      f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+    )
   if student_logits.ndim < 1:
     raise ValueError("logits must have a vocabulary axis [..., V]")
   check_vocab_size(vocab_size, student_logits.shape[-1])
@@ -64,8 +65,9 @@ def check_pair(student_logits, teacher_logits, vocab_size=None) -> None:
 
 def check_vocab_size(vocab_size, v: int) -> None:
   if vocab_size is not None and not (isinstance(vocab_size, int) and 1 <= vocab_size <= v):
-    raise ValueError(f"vocab_size must be an int in [1, {v}] (the logits' last axis), "
-                     f"got {vocab_size!r}")
+    raise ValueError(
+      f"vocab_size must be an int in [1, {v}] (the logits' last axis), got {vocab_size!r}"
+    )
 
 
 # ---------------------------------------------------------------- primitives
@@ -99,8 +101,10 @@ def _log_mix(w: float, logp, logq):
 def _pair(student_logits, teacher_logits, temperature, vocab_size):
   temperature = check_temperature(temperature)
   check_pair(student_logits, teacher_logits, vocab_size)
-  return (log_probs(student_logits, temperature, vocab_size),
-          log_probs(teacher_logits, temperature, vocab_size))
+  return (
+    log_probs(student_logits, temperature, vocab_size),
+    log_probs(teacher_logits, temperature, vocab_size),
+  )
 
 
 def forward_kl(student_logits, teacher_logits, *, temperature=1.0, vocab_size=None):
@@ -115,8 +119,7 @@ def reverse_kl(student_logits, teacher_logits, *, temperature=1.0, vocab_size=No
   return kl(ls, lt)
 
 
-def generalized_jsd(student_logits, teacher_logits, *, beta=0.5, temperature=1.0,
-                    vocab_size=None):
+def generalized_jsd(student_logits, teacher_logits, *, beta=0.5, temperature=1.0, vocab_size=None):
   """beta*KL(P_T||M) + (1-beta)*KL(P_S||M), M = beta*P_T + (1-beta)*P_S.
 
   beta=0 returns ``forward_kl`` and beta=1 ``reverse_kl`` exactly (the mixed formula
@@ -124,11 +127,13 @@ def generalized_jsd(student_logits, teacher_logits, *, beta=0.5, temperature=1.0
   """
   beta = check_unit("beta", beta)
   if beta == 0.0:
-    return forward_kl(student_logits, teacher_logits, temperature=temperature,
-                      vocab_size=vocab_size)
+    return forward_kl(
+      student_logits, teacher_logits, temperature=temperature, vocab_size=vocab_size
+    )
   if beta == 1.0:
-    return reverse_kl(student_logits, teacher_logits, temperature=temperature,
-                      vocab_size=vocab_size)
+    return reverse_kl(
+      student_logits, teacher_logits, temperature=temperature, vocab_size=vocab_size
+    )
   ls, lt = _pair(student_logits, teacher_logits, temperature, vocab_size)
   lm = _log_mix(beta, lt, ls)
   return beta * kl(lt, lm) + (1.0 - beta) * kl(ls, lm)
@@ -154,8 +159,7 @@ def skew_kl(student_logits, teacher_logits, *, alpha=0.1, temperature=1.0, vocab
   return _skew(lt, ls, alpha)
 
 
-def skew_reverse_kl(student_logits, teacher_logits, *, alpha=0.1, temperature=1.0,
-                    vocab_size=None):
+def skew_reverse_kl(student_logits, teacher_logits, *, alpha=0.1, temperature=1.0, vocab_size=None):
   """Skew reverse KL (DistiLLM): KL(P_S || alpha*P_S + (1-alpha)*P_T). alpha=0 is reverse KL."""
   alpha = check_unit("alpha", alpha)
   ls, lt = _pair(student_logits, teacher_logits, temperature, vocab_size)
@@ -163,12 +167,12 @@ def skew_reverse_kl(student_logits, teacher_logits, *, alpha=0.1, temperature=1.
 
 
 _BY_NAME = {
-    "fkl": (forward_kl, ()),
-    "rkl": (reverse_kl, ()),
-    "jsd": (generalized_jsd, ("beta",)),
-    "tvd": (total_variation, ()),
-    "skl": (skew_kl, ("alpha",)),
-    "srkl": (skew_reverse_kl, ("alpha",)),
+  "fkl": (forward_kl, ()),
+  "rkl": (reverse_kl, ()),
+  "jsd": (generalized_jsd, ("beta",)),
+  "tvd": (total_variation, ()),
+  "skl": (skew_kl, ("alpha",)),
+  "srkl": (skew_reverse_kl, ("alpha",)),
 }
 
 
@@ -185,8 +189,9 @@ def get_divergence(name: str, **params) -> Callable:
   allowed = set(own) | {"temperature", "vocab_size"}
   unknown = sorted(set(params) - allowed)
   if unknown:
-    raise ValueError(f"divergence {name!r} got unknown parameter(s) {unknown}; "
-                     f"allowed: {sorted(allowed)}")
+    raise ValueError(
+      f"divergence {name!r} got unknown parameter(s) {unknown}; allowed: {sorted(allowed)}"
+    )
   if "temperature" in params:
     check_temperature(params["temperature"])
   for p in own:
@@ -212,8 +217,9 @@ def masked_mean(values, mask, mode: str = "token"):
   if mode not in REDUCTIONS:
     raise ValueError(f"unknown reduction mode {mode!r}; allowed: {', '.join(REDUCTIONS)}")
   if values.shape != mask.shape:
-    raise ValueError(f"values and mask must have the same shape, got "
-                     f"{tuple(values.shape)} and {tuple(mask.shape)}")
+    raise ValueError(
+      f"values and mask must have the same shape, got {tuple(values.shape)} and {tuple(mask.shape)}"
+    )
   w, count = reduction_weights(mask, mode)
   total = jnp.sum(jnp.where(w > 0, w * values.astype(jnp.float32), 0.0))
   return total / jnp.maximum(count, 1.0), (total, count)
@@ -234,4 +240,3 @@ def reduction_weights(mask, mode: str = "token"):
     raise ValueError("mode 'sequence' needs a mask with a sequence axis [..., T]")
   n = jnp.sum(m, axis=-1, keepdims=True)
   return m / jnp.maximum(n, 1.0), jnp.sum(n > 0).astype(jnp.float32)
-

@@ -18,12 +18,23 @@ def pad_prompts(prompt_lists, pad_id, length=None):
   length = length or max(len(p) for p in prompt_lists)
   out = np.full((len(prompt_lists), length), pad_id, np.int32)
   for i, p in enumerate(prompt_lists):
-    out[i, :len(p)] = p
+    out[i, : len(p)] = p
   return out, np.array([len(p) for p in prompt_lists], np.int32)
 
 
-def decode(model, prompt_lists, *, batch_size, max_new_tokens, eos_ids, pad_id, temperature=0.0,
-           beam_size=0, rng=None, place=None):
+def decode(
+  model,
+  prompt_lists,
+  *,
+  batch_size,
+  max_new_tokens,
+  eos_ids,
+  pad_id,
+  temperature=0.0,
+  beam_size=0,
+  rng=None,
+  place=None,
+):
   """Generated id lists (EOS and padding removed) for every prompt, in order.
 
   All batches share one padded shape (one compile); a short last batch is filled
@@ -34,7 +45,7 @@ def decode(model, prompt_lists, *, batch_size, max_new_tokens, eos_ids, pad_id, 
   rng = jax.random.PRNGKey(0) if rng is None else rng
   out = []
   for start in range(0, len(prompt_lists), batch_size):
-    chunk = list(prompt_lists[start:start + batch_size])
+    chunk = list(prompt_lists[start : start + batch_size])
     n = len(chunk)
     chunk += [chunk[0]] * (batch_size - n)
     tokens, lengths = pad_prompts(chunk, pad_id, p)
@@ -42,17 +53,31 @@ def decode(model, prompt_lists, *, batch_size, max_new_tokens, eos_ids, pad_id, 
       b = place({"tokens": tokens, "lengths": lengths})
       tokens, lengths = b["tokens"], b["lengths"]
     if beam_size:
-      res = sampling.beam_search(model, tokens, lengths, beam_size=beam_size,
-                                 max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id)
+      res = sampling.beam_search(
+        model,
+        tokens,
+        lengths,
+        beam_size=beam_size,
+        max_new_tokens=max_new_tokens,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+      )
       gen, lens = np.asarray(res.tokens), np.asarray(res.lengths)
     else:
-      res = sampling.sample(model, tokens, lengths, rng=jax.random.fold_in(rng, start),
-                            max_new_tokens=max_new_tokens, temperature=temperature,
-                            eos_ids=eos_ids, pad_id=pad_id)
+      res = sampling.sample(
+        model,
+        tokens,
+        lengths,
+        rng=jax.random.fold_in(rng, start),
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+      )
       gen, lens = np.asarray(res.tokens), np.asarray(res.lengths)
     eos = set(eos_ids or ())
     for row in range(n):
-      ids = gen[row, :lens[row]].tolist()
+      ids = gen[row, : lens[row]].tolist()
       out.append(ids[:-1] if ids and ids[-1] in eos else ids)
   return out
 

@@ -27,9 +27,13 @@ def read_json(path: str) -> dict:
     with open(path, encoding="utf-8") as f:
       obj = json.load(f)
   except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg})") from None
+    raise ValueError(
+      f"{path}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg})"
+    ) from None
   except UnicodeDecodeError as e:
-    raise ValueError(f"{path}: not valid UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    raise ValueError(
+      f"{path}: not valid UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start})"
+    ) from None
   if not isinstance(obj, dict):
     raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
   return obj

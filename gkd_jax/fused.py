@@ -49,7 +49,8 @@ def _scan_terms(terms_fn, xs, n_chunks, grads, ws_DxV, wt_DtxV):
     if grads:
       loss_acc, msum_acc, dws_acc = carry
       (loss, msum), (dhs, dws) = jax.value_and_grad(chunk_loss, argnums=(0, 1), has_aux=True)(
-          hs, ws_DxV, ht, tgt, w, m)
+        hs, ws_DxV, ht, tgt, w, m
+      )
       return (loss_acc + loss, msum_acc + msum, dws_acc + dws), dhs.astype(hs.dtype)
     loss_acc, msum_acc = carry
     loss, msum = chunk_loss(hs, ws_DxV, ht, tgt, w, m)
@@ -74,8 +75,13 @@ def _fused(terms_fn, n_chunks, hs_NxD, ws_DxV, ht_NxDt, wt_DtxV, tgt_N, w_NxK, m
 def _fused_fwd(terms_fn, n_chunks, hs_NxD, ws_DxV, ht_NxDt, wt_DtxV, tgt_N, w_NxK, m_N):
   xs = (hs_NxD, ht_NxDt, tgt_N, w_NxK, m_N)
   loss, msum, dhs, dws = _scan_terms(terms_fn, xs, n_chunks, True, ws_DxV, wt_DtxV)
-  zeros = (jnp.zeros_like(ht_NxDt), jnp.zeros_like(wt_DtxV), None, jnp.zeros_like(w_NxK),
-           jnp.zeros_like(m_N))
+  zeros = (
+    jnp.zeros_like(ht_NxDt),
+    jnp.zeros_like(wt_DtxV),
+    None,
+    jnp.zeros_like(w_NxK),
+    jnp.zeros_like(m_N),
+  )
   return (loss, msum), (dhs, dws.astype(ws_DxV.dtype), zeros)
 
 
@@ -94,14 +100,19 @@ def _check(hs, ws, ht, wt, mask, targets, loss, params, chunk_size):
   if hs.ndim < 2 or ht.ndim < 2:
     raise ValueError("student_hidden and teacher_hidden must be [..., D]")
   if hs.shape[:-1] != ht.shape[:-1] or tuple(mask.shape) != tuple(hs.shape[:-1]):
-    raise ValueError(f"student_hidden {tuple(hs.shape)}, teacher_hidden {tuple(ht.shape)} and "
-                     f"mask {tuple(mask.shape)} must share the token axes [...]")
+    raise ValueError(
+      f"student_hidden {tuple(hs.shape)}, teacher_hidden {tuple(ht.shape)} and "
+      f"mask {tuple(mask.shape)} must share the token axes [...]"
+    )
   if ws.ndim != 2 or wt.ndim != 2 or ws.shape[0] != hs.shape[-1] or wt.shape[0] != ht.shape[-1]:
-    raise ValueError(f"student_head must be [D={hs.shape[-1]}, V] and teacher_head "
-                     f"[Dt={ht.shape[-1]}, V], got {tuple(ws.shape)} and {tuple(wt.shape)}")
+    raise ValueError(
+      f"student_head must be [D={hs.shape[-1]}, V] and teacher_head "
+      f"[Dt={ht.shape[-1]}, V], got {tuple(ws.shape)} and {tuple(wt.shape)}"
+    )
   if ws.shape[1] != wt.shape[1]:
-    raise ValueError(f"student_head and teacher_head vocab sizes differ: "
-                     f"{ws.shape[1]} vs {wt.shape[1]}")
+    raise ValueError(
+      f"student_head and teacher_head vocab sizes differ: {ws.shape[1]} vs {wt.shape[1]}"
+    )
   if not (isinstance(chunk_size, int) and chunk_size >= 1):
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
   if loss == "atkd":
@@ -111,14 +122,28 @@ def _check(hs, ws, ht, wt, mask, targets, loss, params, chunk_size):
       raise ValueError(f"targets must have shape {tuple(mask.shape)}, got {tuple(targets.shape)}")
     unknown = sorted(set(params) - set(_ATKD_PARAMS))
     if unknown:
-      raise ValueError(f"loss 'atkd' got unknown parameter(s) {unknown}; "
-                       f"allowed: {list(_ATKD_PARAMS)}")
+      raise ValueError(
+        f"loss 'atkd' got unknown parameter(s) {unknown}; allowed: {list(_ATKD_PARAMS)}"
+      )
 
 
-def fused_loss(student_hidden, student_head, teacher_hidden, teacher_head, mask,
-               targets=None, *, loss="fkl", temperature=1.0, vocab_size=None,
-               reduction="token", student_softcap=None, teacher_softcap=None,
-               chunk_size=1024, **params):
+def fused_loss(
+  student_hidden,
+  student_head,
+  teacher_hidden,
+  teacher_head,
+  mask,
+  targets=None,
+  *,
+  loss="fkl",
+  temperature=1.0,
+  vocab_size=None,
+  reduction="token",
+  student_softcap=None,
+  teacher_softcap=None,
+  chunk_size=1024,
+  **params,
+):
   """Chunked head + loss. Returns ``(loss, aux)`` equal to the unfused path.
 
   Args:
@@ -137,8 +162,17 @@ def fused_loss(student_hidden, student_head, teacher_hidden, teacher_head, mask,
   aux: divergences -> ``{"sum", "count"}`` (as ``masked_mean``); ATKD -> the
   metrics of ``atkd.atkd_loss``.
   """
-  _check(student_hidden, student_head, teacher_hidden, teacher_head, mask, targets, loss,
-         params, chunk_size)
+  _check(
+    student_hidden,
+    student_head,
+    teacher_hidden,
+    teacher_head,
+    mask,
+    targets,
+    loss,
+    params,
+    chunk_size,
+  )
   temperature = dv.check_temperature(temperature)
   dv.check_vocab_size(vocab_size, student_head.shape[1])
   teacher_hidden = jax.lax.stop_gradient(teacher_hidden)
@@ -148,8 +182,9 @@ def fused_loss(student_hidden, student_head, teacher_hidden, teacher_head, mask,
   chunk = min(chunk_size, n)
   n_chunks = -(-n // chunk)
   pad = n_chunks * chunk - n
-  flat = lambda x: jnp.pad(x.reshape((n,) + x.shape[len(tok_shape):]),
-                           [(0, pad)] + [(0, 0)] * (x.ndim - len(tok_shape)))
+  flat = lambda x: jnp.pad(
+    x.reshape((n,) + x.shape[len(tok_shape) :]), [(0, pad)] + [(0, 0)] * (x.ndim - len(tok_shape))
+  )
   hs, ht = flat(student_hidden), flat(teacher_hidden)
   tgt = flat(jnp.zeros(tok_shape, jnp.int32) if targets is None else targets.astype(jnp.int32))
   lp = functools.partial(dv.log_probs, temperature=temperature, vocab_size=vocab_size)
@@ -162,9 +197,17 @@ def fused_loss(student_hidden, student_head, teacher_hidden, teacher_head, mask,
       del tgt_c
       return div(_logits(hs_c, ws, student_softcap), _logits(ht_c, wt, teacher_softcap))[:, None]
 
-    total, _ = _fused(terms_fn, n_chunks, hs, student_head, ht, teacher_head, tgt,
-                      flat(w)[:, None],
-                      jnp.zeros((n + pad,), jnp.float32))
+    total, _ = _fused(
+      terms_fn,
+      n_chunks,
+      hs,
+      student_head,
+      ht,
+      teacher_head,
+      tgt,
+      flat(w)[:, None],
+      jnp.zeros((n + pad,), jnp.float32),
+    )
     return total / jnp.maximum(count, 1.0), {"sum": total, "count": count}
 
   p = {"easy_weight": 0.2, "hard_fraction": 0.5, "split": "batch", "base": "fkl", **params}
@@ -179,20 +222,37 @@ def fused_loss(student_hidden, student_head, teacher_hidden, teacher_head, mask,
 
   _, u = jax.lax.scan(teacher_u, None, (_chunks(ht, n_chunks), _chunks(tgt, n_chunks)))
   u = jax.lax.stop_gradient(u.reshape(-1)[:n].reshape(tok_shape))
-  w_tkd, w_dkd, hard = at.atkd_weights(u, mask, easy_weight=p["easy_weight"],
-                                       hard_fraction=p["hard_fraction"], split=p["split"])
+  w_tkd, w_dkd, hard = at.atkd_weights(
+    u, mask, easy_weight=p["easy_weight"], hard_fraction=p["hard_fraction"], split=p["split"]
+  )
 
   def terms_fn(hs_c, ws, ht_c, wt, tgt_c):
-    parts = at.decompose_log_probs(lp(_logits(hs_c, ws, student_softcap)),
-                                   lp(_logits(ht_c, wt, teacher_softcap)),
-                                   tgt_c, p["base"])
+    parts = at.decompose_log_probs(
+      lp(_logits(hs_c, ws, student_softcap)),
+      lp(_logits(ht_c, wt, teacher_softcap)),
+      tgt_c,
+      p["base"],
+    )
     return jnp.stack([parts["tkd"], parts["dkd"]], axis=-1)
 
   weights = jnp.stack([flat(w_tkd), flat(w_dkd)], axis=-1)
-  total, msum = _fused(terms_fn, n_chunks, hs, student_head, ht, teacher_head, tgt, weights,
-                       flat(mask.astype(jnp.float32)))
+  total, msum = _fused(
+    terms_fn,
+    n_chunks,
+    hs,
+    student_head,
+    ht,
+    teacher_head,
+    tgt,
+    weights,
+    flat(mask.astype(jnp.float32)),
+  )
   m = mask.astype(jnp.float32)
   nv = jnp.maximum(jnp.sum(m), 1.0)
-  aux = {"hard_fraction": jnp.sum(hard) / nv, "tkd": msum[0] / nv, "dkd": msum[1] / nv,
-         "uncertainty": jnp.sum(jnp.where(m > 0, u * m, 0.0)) / nv}
+  aux = {
+    "hard_fraction": jnp.sum(hard) / nv,
+    "tkd": msum[0] / nv,
+    "dkd": msum[1] / nv,
+    "uncertainty": jnp.sum(jnp.where(m > 0, u * m, 0.0)) / nv,
+  }
   return total, aux

@@ -26,13 +26,18 @@ from ml_collections import config_flags
 
 from gkd_jax import config as config_lib
 
-config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
-                                lock_config=False)
+config_flags.DEFINE_config_file(
+  "config", None, "Experiment config file (configs/*.py).", lock_config=False
+)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, samples, export.")
 flags.DEFINE_multi_string("gin_file", [], "Gin files of 'section.key = value' overrides.")
 flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings 'section.key = value'.")
-flags.DEFINE_bool("allow_config_change", False, "Resume although settings that change the result "
-                  "differ from the ones that made the workdir's checkpoints.")
+flags.DEFINE_bool(
+  "allow_config_change",
+  False,
+  "Resume although settings that change the result "
+  "differ from the ones that made the workdir's checkpoints.",
+)
 flags.DEFINE_bool("verbose", False, "Show the traceback of a failed run.")
 FLAGS = flags.FLAGS
 # --config.KEY=VALUE flags are taken out of argv and set after the config file loads, so that
@@ -69,7 +74,7 @@ def take_overrides(argv):
   rest, pairs = [], []
   for arg in argv:
     if arg.startswith("--config.") and "=" in arg:
-      pairs.append(tuple(arg[len("--config."):].split("=", 1)))
+      pairs.append(tuple(arg[len("--config.") :].split("=", 1)))
     else:
       rest.append(arg)
   return rest, pairs
@@ -101,10 +106,12 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   if not FLAGS.verbose:  # a failed asynchronous checkpoint write is reported by the main thread
     logging.getLogger("absl").addFilter(
-        lambda r: r.levelno < logging.ERROR or "orbax" not in r.pathname)
+      lambda r: r.levelno < logging.ERROR or "orbax" not in r.pathname
+    )
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # orbax's own event loops only
-    threading.excepthook = lambda a: logging.debug("background thread %s failed", a.thread,
-                                                   exc_info=(a.exc_type, a.exc_value, a.exc_traceback))
+    threading.excepthook = lambda a: logging.debug(
+      "background thread %s failed", a.thread, exc_info=(a.exc_type, a.exc_value, a.exc_traceback)
+    )
     sys.excepthook = _quiet_closed_loop(sys.excepthook)
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO chatter
   texts = list(FLAGS.gin_bindings)
@@ -137,6 +144,7 @@ def execute(config, workdir, allow_config_change=False, verbose=False):
   A bad input or a failed write is one line (exit 1); verbose re-raises it with its traceback.
   """
   from gkd_jax import train
+
   try:
     summary = train.run(config, workdir, allow_config_change=allow_config_change)
   except (ValueError, OSError, FloatingPointError, train.CheckpointError) as e:
@@ -149,11 +157,13 @@ def execute(config, workdir, allow_config_change=False, verbose=False):
 def _quiet_closed_loop(hook):
   """After a failed checkpoint write, tensorstore's native callbacks may still post to orbax's
   closed event loop, and the errors are printed through sys.excepthook: log those at debug."""
+
   def quiet(kind, value, tb):
     if kind is RuntimeError and str(value) == "Event loop is closed":
       logging.debug("callback after the checkpoint event loop closed", exc_info=(kind, value, tb))
     else:
       hook(kind, value, tb)
+
   return quiet
 
 
@@ -168,18 +178,26 @@ def report(summary) -> str:
   ev = dict(summary.get("eval", {}))
   if (summary.get("teacher_sft") or {}).get("zero_shot"):
     ev["teacher_zero_shot"] = summary["teacher_sft"]["zero_shot"]
-  rows = [(name, ev[key]) for key, name in (
-      ("teacher_zero_shot", "teacher before its SFT"), ("teacher", "teacher"),
-      ("before", "student before"), ("after_sft_warmup", "student after SFT warm-up"),
-      ("after", "student after")) if key in ev]
+  rows = [
+    (name, ev[key])
+    for key, name in (
+      ("teacher_zero_shot", "teacher before its SFT"),
+      ("teacher", "teacher"),
+      ("before", "student before"),
+      ("after_sft_warmup", "student after SFT warm-up"),
+      ("after", "student after"),
+    )
+    if key in ev
+  ]
   if not rows:
     return ""
   keys = [k for k in rows[-1][1] if k != "decode_s"]
   primary = summary.get("primary_metric")
   lines = [f"{'':<28}" + "".join(f"{(k + '*') if k == primary else k:>12}" for k in keys)]
   for name, m in rows:
-    lines.append(f"{name:<28}" + "".join(f"{m[k]:>12.3f}" if k in m else f"{'-':>12}"
-                                         for k in keys))
+    lines.append(
+      f"{name:<28}" + "".join(f"{m[k]:>12.3f}" if k in m else f"{'-':>12}" for k in keys)
+    )
   if primary:
     lines.append(f"(* the task's primary metric; summary: {summary['workdir']}/summary.json)")
   for s in summary.get("samples", [])[:3]:

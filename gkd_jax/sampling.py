@@ -33,6 +33,7 @@ class Samples(NamedTuple):
   float32: log-prob of each chosen token under the sampling distribution (after
   temperature, top-k and top-p; for greedy, under the model's own softmax), 0 where
   masked."""
+
   tokens: jax.Array
   mask: jax.Array
   lengths: jax.Array
@@ -190,6 +191,7 @@ def _sample(graphdef, state, prompt_BxP, lengths_B, rng, cfg: SampleConfig):
     def step(cache, tok_B, valid_B):
       logits, cache = model.forward_with_cache(tok_B[:, None], cache, mask_BxT=valid_B[:, None])
       return logits[:, -1], cache
+
   return _decode_loop(step, logits[:, -1], cache, rng, cfg)
 
 
@@ -208,17 +210,32 @@ def check_prompts(model, prompt_tokens, prompt_lengths, max_new_tokens):
   if not isinstance(prompt_lengths, jax.core.Tracer):
     lens = np.asarray(prompt_lengths)
     if lens.min() < 1 or lens.max() > p:
-      raise ValueError(f"prompt_lengths must be in [1, P={p}], got min {lens.min()} "
-                       f"max {lens.max()}")
+      raise ValueError(
+        f"prompt_lengths must be in [1, P={p}], got min {lens.min()} max {lens.max()}"
+      )
   need = max_new_tokens if is_encoder_decoder(model) else p + max_new_tokens
   if need > _context_len(model):
     what = "max_new_tokens" if is_encoder_decoder(model) else "prompt length + max_new_tokens"
-    raise ValueError(f"{what} = {need} exceeds the model's context of {_context_len(model)} "
-                     "tokens (cfg.max_seq_len / cfg.max_decode_len)")
+    raise ValueError(
+      f"{what} = {need} exceeds the model's context of {_context_len(model)} "
+      "tokens (cfg.max_seq_len / cfg.max_decode_len)"
+    )
 
 
-def sample(model, prompt_tokens, prompt_lengths, *, rng, max_new_tokens, temperature=1.0,
-           top_k=0, top_p=1.0, eos_ids=None, pad_id=0, dot_dtype=None) -> Samples:
+def sample(
+  model,
+  prompt_tokens,
+  prompt_lengths,
+  *,
+  rng,
+  max_new_tokens,
+  temperature=1.0,
+  top_k=0,
+  top_p=1.0,
+  eos_ids=None,
+  pad_id=0,
+  dot_dtype=None,
+) -> Samples:
   """Samples ``max_new_tokens`` continuations for a batch of right-padded prompts.
 
   Args:
@@ -237,15 +254,27 @@ def sample(model, prompt_tokens, prompt_lengths, *, rng, max_new_tokens, tempera
   """
   if isinstance(eos_ids, (int, np.integer)):
     eos_ids = (int(eos_ids),)
-  cfg = SampleConfig(max_new_tokens, float(temperature), top_k, float(top_p),
-                     tuple(int(e) for e in (eos_ids or ())), int(pad_id), dot_dtype)
+  cfg = SampleConfig(
+    max_new_tokens,
+    float(temperature),
+    top_k,
+    float(top_p),
+    tuple(int(e) for e in (eos_ids or ())),
+    int(pad_id),
+    dot_dtype,
+  )
   if dot_dtype is not None and not hasattr(model.cfg, "dot_dtype"):
-    raise ValueError(f"dot_dtype={dot_dtype!r}: {type(model).__name__} has no dot_dtype "
-                     "policy; use dot_dtype=None")
+    raise ValueError(
+      f"dot_dtype={dot_dtype!r}: {type(model).__name__} has no dot_dtype policy; use dot_dtype=None"
+    )
   prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
   prompt_lengths_arr = jnp.asarray(prompt_lengths, jnp.int32)
-  check_prompts(model, prompt_tokens, prompt_lengths if isinstance(prompt_lengths, jax.core.Tracer)
-                else np.asarray(prompt_lengths), max_new_tokens)
+  check_prompts(
+    model,
+    prompt_tokens,
+    prompt_lengths if isinstance(prompt_lengths, jax.core.Tracer) else np.asarray(prompt_lengths),
+    max_new_tokens,
+  )
   graphdef, state = nnx.split(model)
   return _sample(graphdef, state, prompt_tokens, prompt_lengths_arr, rng, cfg)
 
@@ -254,6 +283,7 @@ def sample(model, prompt_tokens, prompt_lengths, *, rng, max_new_tokens, tempera
 class Beams(NamedTuple):
   """tokens ``[B, N]`` (pad after EOS), lengths ``[B]`` (EOS included), scores ``[B]``:
   the best hypothesis per row, score = sum of log-probs / length ** length_penalty."""
+
   tokens: jax.Array
   lengths: jax.Array
   scores: jax.Array
@@ -300,8 +330,7 @@ def _beam(graphdef, state, prompt_BxP, lengths_B, cfg: BeamConfig):
   else:
     tokens, mask = left_align(prompt_BxP, lengths_B, cfg.pad_id)
     cache = model.init_cache(b * k, p + n)
-    logits, cache = model.forward_with_cache(rep(tokens), cache, mask_BxT=rep(mask),
-                                             last_only=True)
+    logits, cache = model.forward_with_cache(rep(tokens), cache, mask_BxT=rep(mask), last_only=True)
     step = lambda tok, cache: model.forward_with_cache(tok[:, None], cache)
   eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
   neg = jnp.float32(_NEG)
@@ -338,8 +367,17 @@ def _beam(graphdef, state, prompt_BxP, lengths_B, cfg: BeamConfig):
   return Beams(jnp.where(keep, best_seq, cfg.pad_id), first.astype(jnp.int32), best_score)
 
 
-def beam_search(model, prompt_tokens, prompt_lengths, *, beam_size, max_new_tokens,
-                length_penalty=1.0, eos_ids=None, pad_id=0) -> Beams:
+def beam_search(
+  model,
+  prompt_tokens,
+  prompt_lengths,
+  *,
+  beam_size,
+  max_new_tokens,
+  length_penalty=1.0,
+  eos_ids=None,
+  pad_id=0,
+) -> Beams:
   """Beam search (e.g. for translation eval) on the sampler's cache machinery.
 
   Keeps ``beam_size`` live and ``beam_size`` finished hypotheses per row; a
@@ -350,10 +388,19 @@ def beam_search(model, prompt_tokens, prompt_lengths, *, beam_size, max_new_toke
   """
   if isinstance(eos_ids, (int, np.integer)):
     eos_ids = (int(eos_ids),)
-  cfg = BeamConfig(beam_size, max_new_tokens, float(length_penalty),
-                   tuple(int(e) for e in (eos_ids or ())), int(pad_id))
+  cfg = BeamConfig(
+    beam_size,
+    max_new_tokens,
+    float(length_penalty),
+    tuple(int(e) for e in (eos_ids or ())),
+    int(pad_id),
+  )
   prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
-  check_prompts(model, prompt_tokens, np.asarray(prompt_lengths), max_new_tokens + (
-      1 if is_encoder_decoder(model) else 0))
+  check_prompts(
+    model,
+    prompt_tokens,
+    np.asarray(prompt_lengths),
+    max_new_tokens + (1 if is_encoder_decoder(model) else 0),
+  )
   graphdef, state = nnx.split(model)
   return _beam(graphdef, state, prompt_tokens, jnp.asarray(prompt_lengths, jnp.int32), cfg)

@@ -25,16 +25,16 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "model")
 
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("vocab", "model"),
-    ("embed", "fsdp"),
-    ("heads", "model"),
-    ("kv_heads", "model"),
-    ("mlp", "model"),
-    ("head_dim", None),
-    ("norm", None),
-    ("layers", None),
+  ("batch", ("data", "fsdp")),
+  ("length", None),
+  ("vocab", "model"),
+  ("embed", "fsdp"),
+  ("heads", "model"),
+  ("kv_heads", "model"),
+  ("mlp", "model"),
+  ("head_dim", None),
+  ("norm", None),
+  ("layers", None),
 )
 
 
@@ -49,7 +49,9 @@ def make_rules(overrides: Iterable[Sequence] | None = None) -> tuple[tuple[str, 
       axes = tuple(axes)
     for a in axes if isinstance(axes, tuple) else (() if axes is None else (axes,)):
       if a not in MESH_AXES:
-        raise ValueError(f"sharding rule for {name!r}: unknown mesh axis {a!r}; mesh axes: {MESH_AXES}")
+        raise ValueError(
+          f"sharding rule for {name!r}: unknown mesh axis {a!r}; mesh axes: {MESH_AXES}"
+        )
     rules[name] = axes
   return tuple(rules.items())
 
@@ -68,10 +70,12 @@ def make_mesh(shape: dict[str, int], devices=None) -> Mesh:
     raise ValueError(f"mesh shape {shape}: axis sizes must be >= 1")
   devices = jax.devices() if devices is None else list(devices)
   if math.prod(sizes) != len(devices):
-    raise ValueError(f"mesh shape {shape} needs {math.prod(sizes)} devices, "
-                     f"but there are {len(devices)}")
+    raise ValueError(
+      f"mesh shape {shape} needs {math.prod(sizes)} devices, but there are {len(devices)}"
+    )
   try:
     from jax.experimental import mesh_utils
+
     grid = mesh_utils.create_device_mesh(sizes, devices=devices)
   except Exception:  # unusual topologies: plain row-major order
     grid = np.asarray(devices, dtype=object).reshape(sizes)
@@ -110,8 +114,11 @@ def _var_sharding(v, mesh, rules):
 
 def state_shardings(state, mesh: Mesh, rules=None):
   """NamedSharding per Variable of an nnx State (real or abstract), from its logical names."""
-  return jax.tree.map(lambda v: v.replace(_var_sharding(v, mesh, rules)), state,
-                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return jax.tree.map(
+    lambda v: v.replace(_var_sharding(v, mesh, rules)),
+    state,
+    is_leaf=lambda x: isinstance(x, nnx.Variable),
+  )
 
 
 def shard_model(model, mesh: Mesh, rules=None):

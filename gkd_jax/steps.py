@@ -31,6 +31,7 @@ from gkd_jax.fused import fused_loss
 @dataclasses.dataclass(frozen=True)
 class LossSpec:
   """Static description of the step's loss (hashable: a jit static argument)."""
+
   mode: str = "gkd"  # gkd | sft
   loss: str = "jsd"
   beta: float = 0.5
@@ -50,14 +51,24 @@ class LossSpec:
 
   @classmethod
   def from_config(cls, c):
-    return cls(mode=c.mode, loss=c.gkd.loss, beta=float(c.gkd.beta), alpha=float(c.gkd.alpha),
-               temperature=float(c.gkd.loss_temperature), reduction=c.gkd.reduction,
-               ce_weight=float(c.gkd.ce_weight), fused=bool(c.gkd.fused),
-               chunk_size=int(c.gkd.chunk_size), easy_weight=float(c.gkd.easy_weight),
-               hard_fraction=float(c.gkd.hard_fraction), atkd_split=c.gkd.atkd_split,
-               atkd_base=c.gkd.atkd_base, rl_alpha=float(c.rl.alpha),
-               token_rkl_reward=c.rl.reward == "token_rkl",
-               top_layers=int(c.train.top_layers))
+    return cls(
+      mode=c.mode,
+      loss=c.gkd.loss,
+      beta=float(c.gkd.beta),
+      alpha=float(c.gkd.alpha),
+      temperature=float(c.gkd.loss_temperature),
+      reduction=c.gkd.reduction,
+      ce_weight=float(c.gkd.ce_weight),
+      fused=bool(c.gkd.fused),
+      chunk_size=int(c.gkd.chunk_size),
+      easy_weight=float(c.gkd.easy_weight),
+      hard_fraction=float(c.gkd.hard_fraction),
+      atkd_split=c.gkd.atkd_split,
+      atkd_base=c.gkd.atkd_base,
+      rl_alpha=float(c.rl.alpha),
+      token_rkl_reward=c.rl.reward == "token_rkl",
+      top_layers=int(c.train.top_layers),
+    )
 
   def divergence_params(self):
     if self.loss == "jsd":
@@ -65,8 +76,12 @@ class LossSpec:
     if self.loss in ("skl", "srkl"):
       return {"alpha": self.alpha}
     if self.loss == "atkd":
-      return {"easy_weight": self.easy_weight, "hard_fraction": self.hard_fraction,
-              "split": self.atkd_split, "base": self.atkd_base}
+      return {
+        "easy_weight": self.easy_weight,
+        "hard_fraction": self.hard_fraction,
+        "split": self.atkd_split,
+        "base": self.atkd_base,
+      }
     return {}
 
 
@@ -81,35 +96,45 @@ def decoder_view(tokens_BxL, mask_BxL, target_mask_BxL, pad_id=0, k=None):
   pad = jnp.full((b, 1), pad_id, tokens_BxL.dtype)
   next_BxL = jnp.concatenate([tokens_BxL[:, 1:], pad], 1)
   m_BxL = jnp.concatenate([target_mask_BxL[:, 1:], jnp.zeros((b, 1), target_mask_BxL.dtype)], 1)
-  pos_BxK = jnp.argsort(m_BxL <= 0, axis=1, stable=True)[:, :min(k or length, length)]
-  return {"tokens": tokens_BxL, "mask": mask_BxL.astype(jnp.int32),
-          "loss_positions": pos_BxK.astype(jnp.int32),
-          "targets": jnp.take_along_axis(next_BxL, pos_BxK, axis=1),
-          "loss_mask": jnp.take_along_axis(m_BxL, pos_BxK, axis=1).astype(jnp.float32)}
+  pos_BxK = jnp.argsort(m_BxL <= 0, axis=1, stable=True)[:, : min(k or length, length)]
+  return {
+    "tokens": tokens_BxL,
+    "mask": mask_BxL.astype(jnp.int32),
+    "loss_positions": pos_BxK.astype(jnp.int32),
+    "targets": jnp.take_along_axis(next_BxL, pos_BxK, axis=1),
+    "loss_mask": jnp.take_along_axis(m_BxL, pos_BxK, axis=1).astype(jnp.float32),
+  }
 
 
 def encdec_view(encoder_tokens, encoder_mask, targets_BxT, target_mask_BxT, start_id=0):
   """Encoder-decoder view: decoder inputs are the targets shifted right after start_id."""
   b = targets_BxT.shape[0]
   start = jnp.full((b, 1), start_id, targets_BxT.dtype)
-  return {"encoder_tokens": encoder_tokens, "encoder_mask": encoder_mask.astype(jnp.int32),
-          "decoder_tokens": jnp.concatenate([start, targets_BxT[:, :-1]], 1),
-          "decoder_mask": jnp.ones_like(targets_BxT, jnp.int32), "targets": targets_BxT,
-          "loss_mask": target_mask_BxT.astype(jnp.float32)}
+  return {
+    "encoder_tokens": encoder_tokens,
+    "encoder_mask": encoder_mask.astype(jnp.int32),
+    "decoder_tokens": jnp.concatenate([start, targets_BxT[:, :-1]], 1),
+    "decoder_mask": jnp.ones_like(targets_BxT, jnp.int32),
+    "targets": targets_BxT,
+    "loss_mask": target_mask_BxT.astype(jnp.float32),
+  }
 
 
 def batch_view(batch, encoder_decoder: bool, pad_id=0):
   """View of a dataset batch (gkd_jax.data layout)."""
   if encoder_decoder:
-    return encdec_view(batch["encoder_tokens"], batch["encoder_mask"], batch["decoder_targets"],
-                       batch["decoder_mask"])
+    return encdec_view(
+      batch["encoder_tokens"],
+      batch["encoder_mask"],
+      batch["decoder_targets"],
+      batch["decoder_mask"],
+    )
   mask = (batch["prompt_mask"] + batch["target_mask"]) > 0
   k = batch["target_tokens"].shape[1] if "target_tokens" in batch else None
   return decoder_view(batch["tokens"], mask, batch["target_mask"], pad_id, k)
 
 
-def samples_view(prompt_BxP, prompt_len_B, gen_BxN, gen_mask_BxN, encoder_decoder: bool,
-                 pad_id=0):
+def samples_view(prompt_BxP, prompt_len_B, gen_BxN, gen_mask_BxN, encoder_decoder: bool, pad_id=0):
   """View of prompts + generated continuations (on-policy or teacher samples)."""
   if encoder_decoder:
     enc_mask = jnp.arange(prompt_BxP.shape[1])[None] < prompt_len_B[:, None]
@@ -121,10 +146,12 @@ def samples_view(prompt_BxP, prompt_len_B, gen_BxN, gen_mask_BxN, encoder_decode
   in_gen = (g >= 0) & (g < n)
   gi = jnp.clip(g, 0, n - 1)
   gen_valid = in_gen & jnp.take_along_axis(gen_mask_BxN.astype(bool), gi, axis=1)
-  prompt_tok = jnp.take_along_axis(prompt_BxP, jnp.broadcast_to(jnp.clip(pos, 0, p - 1), g.shape),
-                                   axis=1)
-  tokens = jnp.where(in_prompt, prompt_tok,
-                     jnp.where(gen_valid, jnp.take_along_axis(gen_BxN, gi, axis=1), pad_id))
+  prompt_tok = jnp.take_along_axis(
+    prompt_BxP, jnp.broadcast_to(jnp.clip(pos, 0, p - 1), g.shape), axis=1
+  )
+  tokens = jnp.where(
+    in_prompt, prompt_tok, jnp.where(gen_valid, jnp.take_along_axis(gen_BxN, gi, axis=1), pad_id)
+  )
   return decoder_view(tokens, in_prompt | gen_valid, gen_valid, pad_id, n)
 
 
@@ -137,8 +164,9 @@ def hidden_and_head(model, view):
   """-> (h_BxKxD, W_DxV, softcap) at the view's trained positions."""
   if is_encoder_decoder(model):
     enc = model.encode(view["encoder_tokens"], view["encoder_mask"])
-    h = model.decoder_hidden_states(enc, view["encoder_mask"], view["decoder_tokens"],
-                                    view["decoder_mask"])
+    h = model.decoder_hidden_states(
+      enc, view["encoder_mask"], view["decoder_tokens"], view["decoder_mask"]
+    )
   else:
     h = model.hidden_states(view["tokens"], mask_BxT=view["mask"])
     h = jnp.take_along_axis(h, view["loss_positions"][..., None], axis=1)
@@ -146,8 +174,9 @@ def hidden_and_head(model, view):
 
 
 def logits(h_BxTxD, w_DxV, cap):
-  z = jnp.einsum("btd,dv->btv", h_BxTxD, w_DxV.astype(h_BxTxD.dtype),
-                 preferred_element_type=jnp.float32)
+  z = jnp.einsum(
+    "btd,dv->btv", h_BxTxD, w_DxV.astype(h_BxTxD.dtype), preferred_element_type=jnp.float32
+  )
   return dv.softcap(z, cap)
 
 
@@ -172,16 +201,28 @@ def divergence_sum(student, s, t, view, spec: LossSpec):
   m, tgt = view["loss_mask"], view["targets"]
   params = spec.divergence_params()
   if spec.fused:
-    loss, aux = fused_loss(s[0], s[1], t[0], t[1], m, tgt, loss=spec.loss,
-                           temperature=spec.temperature, reduction=spec.reduction,
-                           student_softcap=s[2], teacher_softcap=t[2],
-                           chunk_size=spec.chunk_size, **params)
+    loss, aux = fused_loss(
+      s[0],
+      s[1],
+      t[0],
+      t[1],
+      m,
+      tgt,
+      loss=spec.loss,
+      temperature=spec.temperature,
+      reduction=spec.reduction,
+      student_softcap=s[2],
+      teacher_softcap=t[2],
+      chunk_size=spec.chunk_size,
+      **params,
+    )
     return (loss, aux) if spec.loss == "atkd" else (aux["sum"], {})
   s_logits, t_logits = logits(*s), logits(*t)
   if spec.loss == "atkd":
     return at.atkd_loss(s_logits, t_logits, tgt, m, temperature=spec.temperature, **params)
-  per_token = dv.get_divergence(spec.loss, temperature=spec.temperature, **params)(s_logits,
-                                                                                   t_logits)
+  per_token = dv.get_divergence(spec.loss, temperature=spec.temperature, **params)(
+    s_logits, t_logits
+  )
   return dv.masked_mean(per_token, m, spec.reduction)[1][0], {}
 
 
@@ -219,8 +260,9 @@ def make_optimizer(c) -> optax.GradientTransformation:
     decay = optax.linear_schedule(o.lr, end, max(steps - warm, 1))
   else:
     decay = optax.cosine_decay_schedule(o.lr, max(steps - warm, 1), alpha=o.end_lr_fraction)
-  sched = optax.join_schedules([optax.linear_schedule(0.0, o.lr, warm), decay], [warm]) \
-      if warm else decay
+  sched = (
+    optax.join_schedules([optax.linear_schedule(0.0, o.lr, warm), decay], [warm]) if warm else decay
+  )
   if o.name == "adamw":
     opt = optax.adamw(sched, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
   else:
@@ -236,8 +278,10 @@ def freeze_below(params, top: int):
     return params
   layers = params.get("layers") if hasattr(params, "get") else None
   if layers is None or not hasattr(layers, "keys") or "final_norm" not in params:
-    raise ValueError("train.top_layers needs a decoder-only model with per-layer parameters "
-                     "(not T5, not scan_layers)")
+    raise ValueError(
+      "train.top_layers needs a decoder-only model with per-layer parameters "
+      "(not T5, not scan_layers)"
+    )
   n = len(layers)
   keep = {("layers", i) for i in range(max(n - top, 0), n)} | {("final_norm",)}
 
@@ -253,8 +297,20 @@ def _micro(x, k):
   return x.reshape((k, x.shape[0] // k) + x.shape[1:])
 
 
-def train_step(graphdef, params, opt_state, teacher_graphdef, teacher_params, view, ce_view,
-               advantages, *, spec: LossSpec, optimizer, grad_accum: int):
+def train_step(
+  graphdef,
+  params,
+  opt_state,
+  teacher_graphdef,
+  teacher_params,
+  view,
+  ce_view,
+  advantages,
+  *,
+  spec: LossSpec,
+  optimizer,
+  grad_accum: int,
+):
   """One optimizer update over ``grad_accum`` micro-batches -> (params, opt_state, metrics).
 
   view: the trained sequences (samples or dataset); ce_view: dataset sequences for
@@ -318,9 +374,12 @@ def train_step(graphdef, params, opt_state, teacher_graphdef, teacher_params, vi
   params = optax.apply_updates(params, updates)
   counts = {"divergence": n_div, "pg": n_pg, "ce": n_ce}
   finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
-  metrics = {"loss": (loss, jnp.float32(1.0)), "grad_norm": (optax.tree.norm(grads), 1.0),
-             "params_finite": (finite.astype(jnp.float32), 1.0),
-             "tokens": (jnp.sum(view["loss_mask"]), 1.0)}
+  metrics = {
+    "loss": (loss, jnp.float32(1.0)),
+    "grad_norm": (optax.tree.norm(grads), 1.0),
+    "params_finite": (finite.astype(jnp.float32), 1.0),
+    "tokens": (jnp.sum(view["loss_mask"]), 1.0),
+  }
   for name, value in terms.items():
     metrics[name] = (value, counts.get(name, jnp.float32(k)))
   return params, opt_state, metrics

@@ -41,9 +41,20 @@ class CheckpointError(RuntimeError):
 
 # Config keys that do not change the trained weights: a run may resume with other values (logged),
 # and a teacher-SFT stage is shared across them. mesh.* changes only the layout.
-RESULT_FREE = ("eval.", "data.eval_split", "data.data_dir", "data.paths", "teacher.sft.dir",
-               "teacher.sft.zero_shot_eval", "train.log_every", "train.ckpt_every",
-               "train.keep_ckpts", "train.eval_every", "train.export_hf", "mesh.")
+RESULT_FREE = (
+  "eval.",
+  "data.eval_split",
+  "data.data_dir",
+  "data.paths",
+  "teacher.sft.dir",
+  "teacher.sft.zero_shot_eval",
+  "train.log_every",
+  "train.ckpt_every",
+  "train.keep_ckpts",
+  "train.eval_every",
+  "train.export_hf",
+  "mesh.",
+)
 
 
 # ------------------------------------------------------------------------ setup
@@ -83,11 +94,13 @@ def preflight(c) -> None:
   except ValueError as e:
     raise ValueError(f"config.data.source = {d.source!r}: {e}") from None
   if d.prompt_format not in tasks.PROMPT_FORMATS:
-    raise ValueError(f"config.data.prompt_format = {d.prompt_format!r}: must be one of "
-                     f"{tasks.PROMPT_FORMATS}")
+    raise ValueError(
+      f"config.data.prompt_format = {d.prompt_format!r}: must be one of {tasks.PROMPT_FORMATS}"
+    )
   if d.overlong not in batching.OVERLONG:
-    raise ValueError(f"config.data.overlong = {d.overlong!r}: must be one of "
-                     f"{tuple(batching.OVERLONG)}")
+    raise ValueError(
+      f"config.data.overlong = {d.overlong!r}: must be one of {tuple(batching.OVERLONG)}"
+    )
   if source == "local":  # the files are read (and parsed) now; the pipeline reads them again
     for split in dict.fromkeys([d.train_split] + ([d.eval_split] if c.eval.num_examples else [])):
       if not spec.read_local(split, d.data_dir or None, dict(d.paths) or None):
@@ -95,18 +108,23 @@ def preflight(c) -> None:
   for key in ("teacher.path",) + (("student.path",) if c.student.init == "path" else ()):
     path = config_lib.get(c, key)
     if not _model_path_exists(path):
-      raise ValueError(f"config.{key} = {path!r}: no such file, directory or model alias "
-                       f"({sorted(models.ALIASES)})")
+      raise ValueError(
+        f"config.{key} = {path!r}: no such file, directory or model alias "
+        f"({sorted(models.ALIASES)})"
+      )
   if c.student.init == "prune":
     keep = list(c.student.keep_layers)
     bad = [i for i in keep if not isinstance(i, int) or isinstance(i, bool) or i < 0]
     if not keep or bad or len(set(keep)) != len(keep):
-      raise ValueError(f"config.student.keep_layers = {tuple(keep)}: must be distinct layer "
-                       "indices >= 0")
+      raise ValueError(
+        f"config.student.keep_layers = {tuple(keep)}: must be distinct layer indices >= 0"
+      )
     n = models.layer_count(c.teacher.path)
     if n is not None and max(keep) >= n:
-      raise ValueError(f"config.student.keep_layers = {tuple(keep)}: the teacher has {n} "
-                       f"layers (indices 0..{n - 1})")
+      raise ValueError(
+        f"config.student.keep_layers = {tuple(keep)}: the teacher has {n} "
+        f"layers (indices 0..{n - 1})"
+      )
 
 
 def make_mesh(c):
@@ -114,8 +132,10 @@ def make_mesh(c):
   fsdp, model = c.mesh.fsdp, c.mesh.model
   data = c.mesh.data if c.mesh.data != -1 else n // (fsdp * model)
   if data < 1 or data * fsdp * model != n:
-    raise ValueError(f"config.mesh (data={c.mesh.data}, fsdp={fsdp}, model={model}) does not "
-                     f"fit the {n} available devices")
+    raise ValueError(
+      f"config.mesh (data={c.mesh.data}, fsdp={fsdp}, model={model}) does not "
+      f"fit the {n} available devices"
+    )
   return sharding.make_mesh({"data": data, "fsdp": fsdp, "model": model})
 
 
@@ -124,21 +144,24 @@ def build_student(c, teacher):
   if s.init == "path":
     student, _ = models.load(s.path, dtype=s.dtype, param_dtype=s.param_dtype)
   elif steps.is_encoder_decoder(teacher):
-    raise ValueError("config.student.init must be 'path' for encoder-decoder teachers "
-                     f"(got {s.init!r})")
+    raise ValueError(
+      f"config.student.init must be 'path' for encoder-decoder teachers (got {s.init!r})"
+    )
   else:
     from gkd_jax.models import convert_llama
+
     if s.init == "prune":
       student = convert_llama.prune_layers(teacher, list(s.keep_layers))
     else:
       cfg = convert_llama.smaller_config(teacher.cfg, **dict(s.overrides))
       from gkd_jax.models.llama import Llama
+
       student = Llama(cfg, rngs=nnx.Rngs(c.seed))
   if hasattr(student.cfg, "remat") and not steps.is_encoder_decoder(student):
-    cfg = dataclasses.replace(student.cfg, dtype=s.dtype, param_dtype=s.param_dtype,
-                              remat=s.remat)
+    cfg = dataclasses.replace(student.cfg, dtype=s.dtype, param_dtype=s.param_dtype, remat=s.remat)
     if cfg != student.cfg:
       from gkd_jax.models import convert_llama
+
       student = convert_llama.model_from_flat(cfg, convert_llama.flat_params(student))
   return student
 
@@ -146,20 +169,25 @@ def build_student(c, teacher):
 def check_pair(teacher, student, tokenizer, sample_dot_dtype=""):
   tv, sv = teacher.cfg.vocab_size, student.cfg.vocab_size
   if tv != sv:
-    raise ValueError(f"teacher and student vocabularies differ ({tv} vs {sv}): token-level "
-                     "distillation needs a shared vocabulary")
+    raise ValueError(
+      f"teacher and student vocabularies differ ({tv} vs {sv}): token-level "
+      "distillation needs a shared vocabulary"
+    )
   if steps.is_encoder_decoder(teacher) != steps.is_encoder_decoder(student):
     raise ValueError("teacher and student must both be decoder-only or both encoder-decoder")
   if tokenizer is not None and tokenizer.vocab_size > tv:
-    raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the models only "
-                     f"{tv} logits")
+    raise ValueError(
+      f"the tokenizer has {tokenizer.vocab_size} tokens but the models only {tv} logits"
+    )
   if sample_dot_dtype and steps.is_encoder_decoder(student):
-    raise ValueError(f"gkd.sample_dot_dtype={sample_dot_dtype!r} is for decoder-only models; "
-                     "set it to '' for encoder-decoder (T5) runs")
+    raise ValueError(
+      f"gkd.sample_dot_dtype={sample_dot_dtype!r} is for decoder-only models; "
+      "set it to '' for encoder-decoder (T5) runs"
+    )
 
 
 def step_source(seed: int, step: int, lmbda: float, seq_kd: bool) -> str:
-  """"on_policy" with probability lmbda, else "teacher" (SeqKD) or "dataset"; same on every host."""
+  """ "on_policy" with probability lmbda, else "teacher" (SeqKD) or "dataset"; same on every host."""
   if np.random.default_rng([seed, step, 0x6B64]).random() < lmbda:
     return "on_policy"
   return "teacher" if seq_kd else "dataset"
@@ -168,6 +196,7 @@ def step_source(seed: int, step: int, lmbda: float, seq_kd: bool) -> str:
 def to_host(x):
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
 
@@ -193,8 +222,9 @@ class Batches:
       else:
         x = np.asarray(x)
         shape = x.shape if global_data else (x.shape[0] * jax.process_count(),) + x.shape[1:]
-      spec = sharding.logical_to_sharding(("batch",) + (None,) * (x.ndim - 1), self.mesh,
-                                          self.rules, shape)
+      spec = sharding.logical_to_sharding(
+        ("batch",) + (None,) * (x.ndim - 1), self.mesh, self.rules, shape
+      )
       if isinstance(x, jax.Array):
         return jax.device_put(x, spec)
       return jax.make_array_from_process_local_data(spec, x, shape)
@@ -229,14 +259,18 @@ class Trainer:
     shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     micro = c.data.batch_size // c.optim.grad_accum
     if micro % shards:
-      log.warning("the (micro-)batch of %d rows does not divide over the %d batch shards (mesh "
-                  "data x fsdp): every device computes the whole batch; use a multiple of %d",
-                  micro, shards, shards)
+      log.warning(
+        "the (micro-)batch of %d rows does not divide over the %d batch shards (mesh "
+        "data x fsdp): every device computes the whole batch; use a multiple of %d",
+        micro,
+        shards,
+        shards,
+      )
     self.rules = sharding.make_rules(c.mesh.rules)
     self.place = Batches(self.mesh, self.rules)
-    self.teacher, self.tokenizer = models.load(self.teacher_path or c.teacher.path,
-                                               dtype=c.teacher.dtype,
-                                               param_dtype=c.teacher.param_dtype)
+    self.teacher, self.tokenizer = models.load(
+      self.teacher_path or c.teacher.path, dtype=c.teacher.dtype, param_dtype=c.teacher.param_dtype
+    )
     if self.tokenizer is None:
       raise ValueError(f"teacher {c.teacher.path!r} has no tokenizer files; the trainer needs one")
     self.student = build_student(c, self.teacher)
@@ -252,41 +286,64 @@ class Trainer:
     self.graphdef, self.params = nnx.split(self.student)
     self.t_graphdef, self.t_params = nnx.split(self.teacher)
     self.opt_state = self.on_mesh(jax.jit(self.optimizer.init)(self.params))
-    self._step_fn = jax.jit(steps.train_step, static_argnames=(
-        "graphdef", "teacher_graphdef", "spec", "optimizer", "grad_accum"), donate_argnums=(1, 2))
+    self._step_fn = jax.jit(
+      steps.train_step,
+      static_argnames=("graphdef", "teacher_graphdef", "spec", "optimizer", "grad_accum"),
+      donate_argnums=(1, 2),
+    )
     self.ckpt = ocp.CheckpointManager(
-        os.path.join(self.workdir, "ckpt"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=c.train.keep_ckpts,
-                                             enable_async_checkpointing=True))
+      os.path.join(self.workdir, "ckpt"),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=c.train.keep_ckpts, enable_async_checkpointing=True
+      ),
+    )
     self.saved_step = None  # the newest step on disk (restored or saved by this process)
     self.reward_fn = None
     if self.spec.rl_alpha < 1 and not self.spec.token_rkl_reward:
       from gkd_jax import rewards
+
       self.reward_fn = rewards.get_reward(c.rl.reward)
 
   def on_mesh(self, tree):
     """Leaves not laid out on the mesh (e.g. optimizer step counts) become replicated on it."""
     rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    fix = lambda x: x if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding) \
-        else jax.device_put(x, rep)
+    fix = lambda x: (
+      x
+      if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)
+      else jax.device_put(x, rep)
+    )
     return jax.tree.map(fix, tree)
 
   # -- data ---------------------------------------------------------------------------
   def data_kwargs(self, split):
     c = self.config.data
-    return dict(tokenizer=self.tokenizer, model_kind="encdec" if self.encdec else "decoder",
-                prompt_format=c.prompt_format, source=c.source or None,
-                data_dir=c.data_dir or None, paths=dict(c.paths) or None,
-                max_prompt_len=c.max_prompt_len, max_target_len=c.max_target_len,
-                overlong=c.overlong)
+    return dict(
+      tokenizer=self.tokenizer,
+      model_kind="encdec" if self.encdec else "decoder",
+      prompt_format=c.prompt_format,
+      source=c.source or None,
+      data_dir=c.data_dir or None,
+      paths=dict(c.paths) or None,
+      max_prompt_len=c.max_prompt_len,
+      max_target_len=c.max_target_len,
+      overlong=c.overlong,
+    )
 
   def train_batches(self, start_step):
     from gkd_jax import data
+
     c = self.config
     per_host = c.data.batch_size // jax.process_count()
-    return data.get_dataset(c.data.task, c.data.train_split, batch_size=per_host, seed=c.seed,
-                            shard_index=jax.process_index(), num_shards=jax.process_count(),
-                            start_step=start_step, **self.data_kwargs(c.data.train_split))
+    return data.get_dataset(
+      c.data.task,
+      c.data.train_split,
+      batch_size=per_host,
+      seed=c.seed,
+      shard_index=jax.process_index(),
+      num_shards=jax.process_count(),
+      start_step=start_step,
+      **self.data_kwargs(c.data.train_split),
+    )
 
   # -- checkpoints --------------------------------------------------------------------
   def save(self, step, wait=False):
@@ -300,9 +357,13 @@ class Trainer:
     try:
       if step != self.saved_step:
         state = {"params": self.params, "opt_state": self.opt_state}
-        self.ckpt.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"step": step})),
-            force=True)
+        self.ckpt.save(
+          step,
+          args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"step": step})
+          ),
+          force=True,
+        )
       if wait:
         self.ckpt.wait_until_finished()
         self.ckpt.check_for_errors()
@@ -320,17 +381,29 @@ class Trainer:
   def restore(self) -> int:
     """Restores the newest intact checkpoint -> its step (0: none). A step that cannot be read
     is moved to workdir/ckpt_broken/ (never deleted) with a warning, and the one before is tried."""
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            {"params": self.params, "opt_state": self.opt_state})
+    abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      {"params": self.params, "opt_state": self.opt_state},
+    )
     for step in sorted(self.ckpt.all_steps(), reverse=True):
       try:
-        r = self.ckpt.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        r = self.ckpt.restore(
+          step,
+          args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+          ),
+        )
       except Exception as e:  # truncated files, missing metadata, wrong structure, ...
         where = self.set_aside(step)
-        log.warning("checkpoint step %d in %s cannot be read (%s: %s); moved it to %s and "
-                    "trying the previous one", step, self.ckpt.directory, type(e).__name__,
-                    _first_line(e), where)
+        log.warning(
+          "checkpoint step %d in %s cannot be read (%s: %s); moved it to %s and "
+          "trying the previous one",
+          step,
+          self.ckpt.directory,
+          type(e).__name__,
+          _first_line(e),
+          where,
+        )
         continue
       self.params, self.opt_state = r.state["params"], r.state["opt_state"]
       self.saved_step = step
@@ -347,6 +420,7 @@ class Trainer:
       shutil.move(src, dst)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       multihost_utils.sync_global_devices(f"ckpt_set_aside_{step}")
     self.ckpt.reload()
     return dst
@@ -372,10 +446,19 @@ class Trainer:
     model = self.student if source == "on_policy" else self.teacher
     if source == "on_policy":
       nnx.update(self.student, self.params)
-    out = sampling.sample(model, prompts, lengths, rng=jax.random.fold_in(self.key, step),
-                          max_new_tokens=g.max_new_tokens, temperature=g.sample_temperature,
-                          top_k=g.top_k, top_p=g.top_p, eos_ids=self.eos, pad_id=self.pad,
-                          dot_dtype=g.sample_dot_dtype or None)
+    out = sampling.sample(
+      model,
+      prompts,
+      lengths,
+      rng=jax.random.fold_in(self.key, step),
+      max_new_tokens=g.max_new_tokens,
+      temperature=g.sample_temperature,
+      top_k=g.top_k,
+      top_p=g.top_p,
+      eos_ids=self.eos,
+      pad_id=self.pad,
+      dot_dtype=g.sample_dot_dtype or None,
+    )
     view = steps.samples_view(prompts, lengths, out.tokens, out.mask, self.encdec, self.pad)
     adv = jnp.zeros(prompts.shape[0])
     if self.reward_fn is not None:
@@ -384,13 +467,14 @@ class Trainer:
 
   def advantages(self, out, batch, spp):
     from gkd_jax import rewards
+
     toks, lens = to_host(out.tokens), to_host(out.lengths)
     preds = [self.tokenizer.decode(t[:n].tolist()) for t, n in zip(toks, lens)]
     ref_t = to_host(batch["decoder_targets"] if self.encdec else batch["target_tokens"])
     ref_n = to_host(batch["target_lengths"])
     refs = [self.tokenizer.decode(t[:n].tolist()) for t, n in zip(ref_t, ref_n)]
     if spp > 1:
-      refs = [r for r in refs[:len(refs) // spp] for _ in range(spp)]
+      refs = [r for r in refs[: len(refs) // spp] for _ in range(spp)]
     r = self.reward_fn(preds, refs)
     self._last_reward = float(np.mean(r))
     adv = rewards.baseline_advantages(r, group_size=spp, baseline=self.config.rl.baseline)
@@ -401,25 +485,46 @@ class Trainer:
     view, ce_view, adv, source = self.make_views(batch, step, warm)
     spec = dataclasses.replace(self.spec, mode="sft") if warm else self.spec
     self.params, self.opt_state, metrics = self._step_fn(
-        self.graphdef, self.params, self.opt_state, self.t_graphdef, self.t_params, view,
-        ce_view, adv, spec=spec, optimizer=self.optimizer,
-        grad_accum=self.config.optim.grad_accum)
+      self.graphdef,
+      self.params,
+      self.opt_state,
+      self.t_graphdef,
+      self.t_params,
+      view,
+      ce_view,
+      adv,
+      spec=spec,
+      optimizer=self.optimizer,
+      grad_accum=self.config.optim.grad_accum,
+    )
     return metrics, source
 
   # -- evaluation -----------------------------------------------------------------------
   def eval_data(self):
     from gkd_jax import data
+
     c = self.config
     if not hasattr(self, "_eval"):
-      ex = data.get_eval_examples(c.data.task, c.data.eval_split,
-                                  max_examples=c.eval.num_examples,
-                                  **self.data_kwargs(c.data.eval_split))
-      batches = data.get_dataset(c.data.task, c.data.eval_split, batch_size=c.eval.batch_size,
-                                 shuffle=False, num_epochs=1, shard_index=0, num_shards=1,
-                                 max_examples=c.eval.num_examples,
-                                 **self.data_kwargs(c.data.eval_split))
-      views = [steps.batch_view(self.place(b, global_data=True), self.encdec, self.pad)
-               for b in batches]
+      ex = data.get_eval_examples(
+        c.data.task,
+        c.data.eval_split,
+        max_examples=c.eval.num_examples,
+        **self.data_kwargs(c.data.eval_split),
+      )
+      batches = data.get_dataset(
+        c.data.task,
+        c.data.eval_split,
+        batch_size=c.eval.batch_size,
+        shuffle=False,
+        num_epochs=1,
+        shard_index=0,
+        num_shards=1,
+        max_examples=c.eval.num_examples,
+        **self.data_kwargs(c.data.eval_split),
+      )
+      views = [
+        steps.batch_view(self.place(b, global_data=True), self.encdec, self.pad) for b in batches
+      ]
       self._eval = (ex, views)
     return self._eval
 
@@ -432,25 +537,35 @@ class Trainer:
 
   def evaluate(self, model, name):
     from gkd_jax import data
+
     c = self.config
     ex, views = self.eval_data()
     t0 = time.time()
-    preds_ids = evaluation.decode(model, [e["prompt_tokens"] for e in ex],
-                                  batch_size=c.eval.batch_size,
-                                  max_new_tokens=c.eval.max_new_tokens, eos_ids=self.eos,
-                                  pad_id=self.pad, temperature=c.eval.temperature,
-                                  beam_size=c.eval.beam_size, place=self.eval_place)
+    preds_ids = evaluation.decode(
+      model,
+      [e["prompt_tokens"] for e in ex],
+      batch_size=c.eval.batch_size,
+      max_new_tokens=c.eval.max_new_tokens,
+      eos_ids=self.eos,
+      pad_id=self.pad,
+      temperature=c.eval.temperature,
+      beam_size=c.eval.beam_size,
+      place=self.eval_place,
+    )
     preds = [self.tokenizer.decode(p) for p in preds_ids]
     refs = [e["references"] for e in ex]
     metrics = data.evaluate(c.data.task, refs, preds)
     if model is not self.teacher and c.eval.teacher_kl:
       if not hasattr(self, "_eval_teacher_hidden"):
         self._eval_teacher_hidden = evaluation.teacher_hidden(self.teacher, views)
-      metrics["teacher_kl"] = evaluation.token_kl(model, self.teacher, views,
-                                                  self._eval_teacher_hidden)
+      metrics["teacher_kl"] = evaluation.token_kl(
+        model, self.teacher, views, self._eval_teacher_hidden
+      )
     metrics["decode_s"] = time.time() - t0
-    samples = [{"prompt": e["prompt_text"], "reference": e["reference"], name: p}
-               for e, p in zip(ex[:c.eval.num_samples_logged], preds)]
+    samples = [
+      {"prompt": e["prompt_text"], "reference": e["reference"], name: p}
+      for e, p in zip(ex[: c.eval.num_samples_logged], preds)
+    ]
     return metrics, samples
 
   def eval_student(self, step, logger):
@@ -504,24 +619,33 @@ def prepare_teacher(c, workdir) -> tuple[str, dict]:
     have = files.read_json(recorded)
     diff = config_lib.config_diff(have, want, ignore=RESULT_FREE)
     if diff:
-      raise ValueError(f"teacher.sft.dir {sdir!r} holds a teacher-SFT stage made with other "
-                       f"settings ({', '.join(diff)}); point teacher.sft.dir elsewhere or remove it")
+      raise ValueError(
+        f"teacher.sft.dir {sdir!r} holds a teacher-SFT stage made with other "
+        f"settings ({', '.join(diff)}); point teacher.sft.dir elsewhere or remove it"
+      )
   done = os.path.join(sdir, "summary.json")
   if os.path.isfile(done):
     summary = files.read_json(done)
     if summary.get("status") == "done" and os.path.isdir(os.path.join(sdir, "hf")):
       log.info("teacher-SFT stage: reusing %s", sdir)
       return os.path.join(sdir, "hf"), summary
-  log.info("teacher-SFT stage: fine-tuning %s for %d steps in %s", c.teacher.path,
-           c.teacher.sft.steps, sdir)
+  log.info(
+    "teacher-SFT stage: fine-tuning %s for %d steps in %s",
+    c.teacher.path,
+    c.teacher.sft.steps,
+    sdir,
+  )
   summary = run(stage, sdir)
   if summary["status"] != "done":
-    raise RuntimeError(f"teacher-SFT stage in {sdir} stopped ({summary['status']}); re-run to resume")
+    raise RuntimeError(
+      f"teacher-SFT stage in {sdir} stopped ({summary['status']}); re-run to resume"
+    )
   return os.path.join(sdir, "hf"), summary
 
 
 def primary_metric(task: str) -> str:
   from gkd_jax.data import tasks
+
   return tasks.get_spec(task).primary_metric
 
 
@@ -555,16 +679,20 @@ def check_resume(c, workdir, allow_change=False) -> dict:
     diff = config_lib.config_diff(have, want)
     hard = [k for k in diff if not k.startswith(RESULT_FREE)]
     fa, fb = config_lib.flatten(have), config_lib.flatten(want)
-    show = lambda keys: ", ".join(f"{k} {fa.get(k)!r} -> {fb.get(k)!r}" for k in keys[:6]) + (
-        f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+    show = lambda keys: (
+      ", ".join(f"{k} {fa.get(k)!r} -> {fb.get(k)!r}" for k in keys[:6])
+      + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+    )
     if hard and not allow_change:
       raise ValueError(
-          f"workdir {workdir} holds checkpoints (up to step {steps[-1]}) made with another "
-          f"config: {show(hard)}. Resume with the same settings, use a new --workdir, or pass "
-          "--allow_config_change to go on with the new ones")
+        f"workdir {workdir} holds checkpoints (up to step {steps[-1]}) made with another "
+        f"config: {show(hard)}. Resume with the same settings, use a new --workdir, or pass "
+        "--allow_config_change to go on with the new ones"
+      )
     if diff:
-      log.warning("resuming %s at step %d with changed settings: %s", workdir, steps[-1],
-                  show(diff))
+      log.warning(
+        "resuming %s at step %d with changed settings: %s", workdir, steps[-1], show(diff)
+      )
       backup = os.path.join(workdir, f"config.step{steps[-1]}.json")
       if jax.process_index() == 0 and not os.path.exists(backup):
         shutil.copyfile(recorded, backup)
@@ -578,12 +706,20 @@ def _eval_settings(c) -> dict:
 
 def is_finished(c, workdir, summary) -> bool:
   """The earlier sitting finished everything this config asks (checkpoint, eval, export)."""
-  return (summary.get("status") == "done" and summary.get("step") == c.train.steps
-          and c.train.steps in checkpoint_steps(workdir)
-          and (not c.train.export_hf or os.path.isfile(os.path.join(workdir, "hf", "config.json")))
-          and (not c.eval.num_examples or ("after" in summary.get("eval", {})
-                                           and summary.get("config_eval") == c.eval.to_dict()
-                                           and summary.get("eval_split") == c.data.eval_split)))
+  return (
+    summary.get("status") == "done"
+    and summary.get("step") == c.train.steps
+    and c.train.steps in checkpoint_steps(workdir)
+    and (not c.train.export_hf or os.path.isfile(os.path.join(workdir, "hf", "config.json")))
+    and (
+      not c.eval.num_examples
+      or (
+        "after" in summary.get("eval", {})
+        and summary.get("config_eval") == c.eval.to_dict()
+        and summary.get("eval_split") == c.data.eval_split
+      )
+    )
+  )
 
 
 def planned_sources(c) -> dict[str, int]:
@@ -648,14 +784,22 @@ def run(config, workdir: str, allow_config_change: bool = False) -> dict:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(c.to_json_best_effort(indent=2))
   teacher_path, stage = prepare_teacher(c, workdir)
-  summary = {"workdir": workdir, "status": "running", "primary_metric": primary_metric(c.data.task),
-             **_eval_settings(c), "eval": {}}
+  summary = {
+    "workdir": workdir,
+    "status": "running",
+    "primary_metric": primary_metric(c.data.task),
+    **_eval_settings(c),
+    "eval": {},
+  }
   if {k: earlier.get(k) for k in ("config_eval", "eval_split")} == _eval_settings(c):
     summary["eval"] = dict(earlier.get("eval", {}))  # before / teacher / warm-up rows
   if stage:
-    summary["teacher_sft"] = {"dir": stage["workdir"], "steps": c.teacher.sft.steps,
-                              "zero_shot": stage["eval"].get("before"),
-                              "after_sft": stage["eval"].get("after")}
+    summary["teacher_sft"] = {
+      "dir": stage["workdir"],
+      "steps": c.teacher.sft.steps,
+      "zero_shot": stage["eval"].get("before"),
+      "after_sft": stage["eval"].get("after"),
+    }
   summary = _run(c, workdir, teacher_path, summary, stage)
   summary["wall_s"] = time.time() - t0 + (earlier.get("wall_s") or 0.0)
   if jax.process_index() == 0:
@@ -675,8 +819,15 @@ def _run(c, workdir, teacher_path, summary, stage) -> dict:
   if start == 0 and c.eval.num_examples and c.eval.at_start:
     summary["eval"]["before"] = tr.eval_student(0, logger)[0]
     if c.eval.teacher and c.mode == "gkd":
-      same_eval = stage and stage.get("eval_split") == c.data.eval_split and not config_lib.config_diff(
-          stage.get("config_eval", {}), c.eval.to_dict(), ignore=("teacher", "teacher_kl", "at_start"))
+      same_eval = (
+        stage
+        and stage.get("eval_split") == c.data.eval_split
+        and not config_lib.config_diff(
+          stage.get("config_eval", {}),
+          c.eval.to_dict(),
+          ignore=("teacher", "teacher_kl", "at_start"),
+        )
+      )
       if same_eval and stage["eval"].get("after"):  # the stage scored this teacher already
         summary["eval"]["teacher"] = dict(stage["eval"]["after"])
       else:
@@ -695,10 +846,14 @@ def _run(c, workdir, teacher_path, summary, stage) -> dict:
       metrics, source = tr.train_step(batch, step)
       loss = float(metrics.pop("loss")[0])
       if not math.isfinite(loss) or not float(metrics.pop("params_finite")[0]):
-        good = (f"the last good checkpoint (step {tr.saved_step}) in {workdir}/ckpt is intact"
-                if tr.saved_step else "no checkpoint had been written yet")
+        good = (
+          f"the last good checkpoint (step {tr.saved_step}) in {workdir}/ckpt is intact"
+          if tr.saved_step
+          else "no checkpoint had been written yet"
+        )
         raise FloatingPointError(
-            f"non-finite loss ({loss}) or parameters at step {step}; stopping. {good}")
+          f"non-finite loss ({loss}) or parameters at step {step}; stopping. {good}"
+        )
       tr.check_saves()
       metrics["loss"] = (loss, 1.0)
       window[source] = window.get(source, 0) + 1
@@ -736,8 +891,9 @@ def _run(c, workdir, teacher_path, summary, stage) -> dict:
       summary["eval"]["after"], summary["samples"] = tr.eval_student(c.train.steps, logger)
     if c.train.export_hf:
       # every process joins the gather (params span all of them); process 0 writes
-      nnx.update(tr.student, jax.tree.map(to_host, tr.params) if jax.process_count() > 1
-                 else tr.params)
+      nnx.update(
+        tr.student, jax.tree.map(to_host, tr.params) if jax.process_count() > 1 else tr.params
+      )
     if c.train.export_hf and tr.is_main:
       summary["export"] = models.save_hf(tr.student, tr.tokenizer, os.path.join(workdir, "hf"))
     summary["status"] = "done"

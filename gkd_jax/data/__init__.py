@@ -10,24 +10,25 @@ Importing this package is light: seqio/TensorFlow load on the first `get_dataset
   evaluate(task_name, targets, predictions) -> {metric: value}
   TASKS: the registered task names -> TaskSpec (gkd_jax.data.tasks)
 """
+
 import importlib
 
 _LAZY = {
-    "get_dataset": "gkd_jax.data.pipeline",
-    "get_eval_examples": "gkd_jax.data.pipeline",
-    "load_examples": "gkd_jax.data.pipeline",
-    "get_task": "gkd_jax.data.seqio_tasks",
-    "TokenizerVocabulary": "gkd_jax.data.vocab",
-    "make_vocabulary": "gkd_jax.data.vocab",
-    "evaluate": "gkd_jax.data.tasks",
-    "TASKS": "gkd_jax.data.tasks",
-    "TaskSpec": "gkd_jax.data.tasks",
+  "get_dataset": "gkd_jax.data.pipeline",
+  "get_eval_examples": "gkd_jax.data.pipeline",
+  "load_examples": "gkd_jax.data.pipeline",
+  "get_task": "gkd_jax.data.seqio_tasks",
+  "TokenizerVocabulary": "gkd_jax.data.vocab",
+  "make_vocabulary": "gkd_jax.data.vocab",
+  "evaluate": "gkd_jax.data.tasks",
+  "TASKS": "gkd_jax.data.tasks",
+  "TaskSpec": "gkd_jax.data.tasks",
 }
 
 __all__ = sorted(_LAZY)
 
 
 def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'gkd_jax.data' has no attribute {name!r}")
+  if name in _LAZY:
+    return getattr(importlib.import_module(_LAZY[name]), name)
+  raise AttributeError(f"module 'gkd_jax.data' has no attribute {name!r}")

@@ -17,6 +17,7 @@ Encoder-decoder batch (S = bucketed input length, T = bucketed target length):
   prompt_tokens   [B, S]  = encoder_tokens;  prompt_lengths [B];  target_lengths [B]
 Rows past the end of the data (a last partial batch) are all padding with zero masks and lengths.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,80 +26,83 @@ OVERLONG = ("truncate", "drop")
 
 
 def bucket_lengths(max_len: int, num_buckets: int = 3, multiple: int = 8) -> list[int]:
-    """Ascending lengths max_len / 2**i rounded up to `multiple` (capped at max_len), i < num_buckets."""
-    if max_len < 1 or num_buckets < 1:
-        raise ValueError(f"max_len={max_len} and num_buckets={num_buckets} must be >= 1")
-    sizes = {min(max_len, -(-max_len // 2**i // multiple) * multiple or multiple) for i in range(num_buckets)}
-    return sorted(sizes | {max_len})
+  """Ascending lengths max_len / 2**i rounded up to `multiple` (capped at max_len), i < num_buckets."""
+  if max_len < 1 or num_buckets < 1:
+    raise ValueError(f"max_len={max_len} and num_buckets={num_buckets} must be >= 1")
+  sizes = {
+    min(max_len, -(-max_len // 2**i // multiple) * multiple or multiple) for i in range(num_buckets)
+  }
+  return sorted(sizes | {max_len})
 
 
 def pick_bucket(n: int, buckets) -> int:
-    """The smallest bucket >= n."""
-    for b in buckets:
-        if b >= n:
-            return b
-    raise ValueError(f"length {n} exceeds the largest bucket {buckets[-1]}")
+  """The smallest bucket >= n."""
+  for b in buckets:
+    if b >= n:
+      return b
+  raise ValueError(f"length {n} exceeds the largest bucket {buckets[-1]}")
 
 
 def truncate(ids, max_len: int, tail=()):
-    """Keep the head of `ids` and its fixed `tail` (EOS, or the chat generation prompt) in max_len ids."""
-    ids, tail = list(ids), list(tail)
-    if len(ids) <= max_len:
-        return ids
-    if tail and ids[-len(tail):] == tail:
-        ids = ids[:-len(tail)]
-    keep = max(max_len - len(tail), 0)
-    return (ids[:keep] + tail)[:max_len]
+  """Keep the head of `ids` and its fixed `tail` (EOS, or the chat generation prompt) in max_len ids."""
+  ids, tail = list(ids), list(tail)
+  if len(ids) <= max_len:
+    return ids
+  if tail and ids[-len(tail) :] == tail:
+    ids = ids[: -len(tail)]
+  keep = max(max_len - len(tail), 0)
+  return (ids[:keep] + tail)[:max_len]
 
 
 def _right_pad(rows, length, pad_id):
-    out = np.full((len(rows), length), pad_id, np.int32)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = r
-    return out
+  out = np.full((len(rows), length), pad_id, np.int32)
+  for i, r in enumerate(rows):
+    out[i, : len(r)] = r
+  return out
 
 
 def _lengths(rows):
-    return np.asarray([len(r) for r in rows], np.int32)
+  return np.asarray([len(r) for r in rows], np.int32)
 
 
 def decoder_batch(prompts, targets, *, pad_id: int, prompt_len: int, target_len: int) -> dict:
-    """Decoder-only batch from lists of prompt / target id sequences (see the module docstring)."""
-    p_len, t_len = _lengths(prompts), _lengths(targets)
-    seq = [list(p) + list(t) for p, t in zip(prompts, targets)]
-    total = prompt_len + target_len
-    cols = np.arange(total, dtype=np.int32)[None, :]
-    return {
-        "tokens": _right_pad(seq, total, pad_id),
-        "positions": np.broadcast_to(cols, (len(seq), total)).copy(),
-        "prompt_mask": (cols < p_len[:, None]).astype(np.int32),
-        "target_mask": ((cols >= p_len[:, None]) & (cols < (p_len + t_len)[:, None])).astype(np.int32),
-        "prompt_tokens": _right_pad(prompts, prompt_len, pad_id),
-        "prompt_lengths": p_len,
-        "target_tokens": _right_pad(targets, target_len, pad_id),
-        "target_lengths": t_len,
-    }
+  """Decoder-only batch from lists of prompt / target id sequences (see the module docstring)."""
+  p_len, t_len = _lengths(prompts), _lengths(targets)
+  seq = [list(p) + list(t) for p, t in zip(prompts, targets)]
+  total = prompt_len + target_len
+  cols = np.arange(total, dtype=np.int32)[None, :]
+  return {
+    "tokens": _right_pad(seq, total, pad_id),
+    "positions": np.broadcast_to(cols, (len(seq), total)).copy(),
+    "prompt_mask": (cols < p_len[:, None]).astype(np.int32),
+    "target_mask": ((cols >= p_len[:, None]) & (cols < (p_len + t_len)[:, None])).astype(np.int32),
+    "prompt_tokens": _right_pad(prompts, prompt_len, pad_id),
+    "prompt_lengths": p_len,
+    "target_tokens": _right_pad(targets, target_len, pad_id),
+    "target_lengths": t_len,
+  }
 
 
-def encdec_batch(prompts, targets, *, pad_id: int, prompt_len: int, target_len: int,
-                 decoder_start_id: int = 0) -> dict:
-    """Encoder-decoder batch (see the module docstring)."""
-    p_len, t_len = _lengths(prompts), _lengths(targets)
-    enc = _right_pad(prompts, prompt_len, pad_id)
-    dec_targets = _right_pad(targets, target_len, pad_id)
-    dec_in = np.full_like(dec_targets, pad_id)
-    dec_in[:, 1:] = dec_targets[:, :-1]
-    dec_in[:, 0] = decoder_start_id
-    dec_in[t_len == 0, 0] = pad_id  # padding rows stay padding
-    s_cols = np.arange(prompt_len)[None, :]
-    t_cols = np.arange(target_len)[None, :]
-    return {
-        "encoder_tokens": enc,
-        "encoder_mask": (s_cols < p_len[:, None]).astype(np.int32),
-        "decoder_tokens": dec_in,
-        "decoder_targets": dec_targets,
-        "decoder_mask": (t_cols < t_len[:, None]).astype(np.int32),
-        "prompt_tokens": enc.copy(),
-        "prompt_lengths": p_len,
-        "target_lengths": t_len,
-    }
+def encdec_batch(
+  prompts, targets, *, pad_id: int, prompt_len: int, target_len: int, decoder_start_id: int = 0
+) -> dict:
+  """Encoder-decoder batch (see the module docstring)."""
+  p_len, t_len = _lengths(prompts), _lengths(targets)
+  enc = _right_pad(prompts, prompt_len, pad_id)
+  dec_targets = _right_pad(targets, target_len, pad_id)
+  dec_in = np.full_like(dec_targets, pad_id)
+  dec_in[:, 1:] = dec_targets[:, :-1]
+  dec_in[:, 0] = decoder_start_id
+  dec_in[t_len == 0, 0] = pad_id  # padding rows stay padding
+  s_cols = np.arange(prompt_len)[None, :]
+  t_cols = np.arange(target_len)[None, :]
+  return {
+    "encoder_tokens": enc,
+    "encoder_mask": (s_cols < p_len[:, None]).astype(np.int32),
+    "decoder_tokens": dec_in,
+    "decoder_targets": dec_targets,
+    "decoder_mask": (t_cols < t_len[:, None]).astype(np.int32),
+    "prompt_tokens": enc.copy(),
+    "prompt_lengths": p_len,
+    "target_lengths": t_len,
+  }

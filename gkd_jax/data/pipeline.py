@@ -16,6 +16,7 @@ and kept in host memory. Training batches are then drawn in NumPy:
 
 Every host reads and tokenizes the whole split (it needs every length to agree on bucket shapes).
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,183 +31,339 @@ _CACHE: dict = {}
 
 
 def _default_shards(shard_index, num_shards):
-    """jax.process_index()/process_count() if jax is already imported, else a single shard."""
-    if shard_index is None or num_shards is None:
-        jax = sys.modules.get("jax")
-        idx, count = (jax.process_index(), jax.process_count()) if jax is not None else (0, 1)
-        shard_index = idx if shard_index is None else shard_index
-        num_shards = count if num_shards is None else num_shards
-    if not 0 <= shard_index < num_shards:
-        raise ValueError(f"shard_index={shard_index} is not in [0, num_shards={num_shards})")
-    return shard_index, num_shards
+  """jax.process_index()/process_count() if jax is already imported, else a single shard."""
+  if shard_index is None or num_shards is None:
+    jax = sys.modules.get("jax")
+    idx, count = (jax.process_index(), jax.process_count()) if jax is not None else (0, 1)
+    shard_index = idx if shard_index is None else shard_index
+    num_shards = count if num_shards is None else num_shards
+  if not 0 <= shard_index < num_shards:
+    raise ValueError(f"shard_index={shard_index} is not in [0, num_shards={num_shards})")
+  return shard_index, num_shards
 
 
 def _text(x):
-    return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+  return x.decode("utf-8") if isinstance(x, bytes) else str(x)
 
 
 _FIELDS = ("inputs", "targets", "inputs_pretokenized", "targets_pretokenized", "references")
 
 
 def _examples(ds, batch_size=1024):
-    """Examples of a seqio dataset as dicts of Python lists / bytes, read 1024 at a time."""
-    ds = ds.map(lambda ex: {k: ex[k] for k in _FIELDS}).ragged_batch(batch_size)
-    for batch in ds.as_numpy_iterator():
-        # ragged columns arrive as object arrays of per-row arrays
-        cols = {k: [r.tolist() if isinstance(r, np.ndarray) else r for r in v] for k, v in batch.items()}
-        yield from (dict(zip(cols, row)) for row in zip(*cols.values()))
+  """Examples of a seqio dataset as dicts of Python lists / bytes, read 1024 at a time."""
+  ds = ds.map(lambda ex: {k: ex[k] for k in _FIELDS}).ragged_batch(batch_size)
+  for batch in ds.as_numpy_iterator():
+    # ragged columns arrive as object arrays of per-row arrays
+    cols = {
+      k: [r.tolist() if isinstance(r, np.ndarray) else r for r in v] for k, v in batch.items()
+    }
+    yield from (dict(zip(cols, row)) for row in zip(*cols.values()))
 
 
-def _load(task_name, split, task_kwargs, *, max_prompt_len, max_target_len, overlong, add_bos, max_examples):
-    """(vocabulary, examples) for load_examples; task_kwargs go to seqio_tasks.get_task."""
-    spec = tasks.get_spec(task_name)  # unknown names fail here, before TensorFlow loads
-    if overlong not in batching.OVERLONG:
-        raise ValueError(f"overlong={overlong!r}; expected one of {list(batching.OVERLONG)}")
-    from gkd_jax.data import seqio_tasks  # seqio + TensorFlow
+def _load(
+  task_name, split, task_kwargs, *, max_prompt_len, max_target_len, overlong, add_bos, max_examples
+):
+  """(vocabulary, examples) for load_examples; task_kwargs go to seqio_tasks.get_task."""
+  spec = tasks.get_spec(task_name)  # unknown names fail here, before TensorFlow loads
+  if overlong not in batching.OVERLONG:
+    raise ValueError(f"overlong={overlong!r}; expected one of {list(batching.OVERLONG)}")
+  from gkd_jax.data import seqio_tasks  # seqio + TensorFlow
 
-    task = seqio_tasks.get_task(task_name, **task_kwargs)
-    vocab = task.output_features["targets"].vocabulary
-    key = (task.name, split, max_prompt_len, max_target_len, overlong, add_bos, max_examples)
-    if key in _CACHE:
-        return vocab, _CACHE[key]
-    if add_bos and vocab.bos_id is None:
-        raise ValueError("add_bos=True but the vocabulary has no BOS id")
-    prefix, suffix = tasks.prompt_parts(spec, task_kwargs.get("prompt_format", "t5"),
-                                        getattr(vocab, "tokenizer", None))
-    prompt_tail = list(vocab.encode(suffix)) if suffix else []
-    if task_kwargs.get("model_kind") == "encdec":
-        prompt_tail.append(vocab.eos_id)
+  task = seqio_tasks.get_task(task_name, **task_kwargs)
+  vocab = task.output_features["targets"].vocabulary
+  key = (task.name, split, max_prompt_len, max_target_len, overlong, add_bos, max_examples)
+  if key in _CACHE:
+    return vocab, _CACHE[key]
+  if add_bos and vocab.bos_id is None:
+    raise ValueError("add_bos=True but the vocabulary has no BOS id")
+  prefix, suffix = tasks.prompt_parts(
+    spec, task_kwargs.get("prompt_format", "t5"), getattr(vocab, "tokenizer", None)
+  )
+  prompt_tail = list(vocab.encode(suffix)) if suffix else []
+  if task_kwargs.get("model_kind") == "encdec":
+    prompt_tail.append(vocab.eos_id)
 
-    ds = task.get_dataset(sequence_length=None, split=split, shuffle=False, num_epochs=1)
-    if max_examples is not None:
-        ds = ds.take(max_examples)
-    out, empty, truncated, dropped = [], 0, 0, 0
-    for ex in _examples(ds):
-        target_text = _text(ex["targets_pretokenized"])
-        if not target_text.strip():
-            empty += 1
-            continue
-        prompt = ([vocab.bos_id] if add_bos else []) + ex["inputs"]
-        target = ex["targets"]
-        if len(prompt) > max_prompt_len or len(target) > max_target_len:
-            if overlong == "drop":
-                dropped += 1
-                continue
-            truncated += 1
-            prompt = batching.truncate(prompt, max_prompt_len, prompt_tail)
-            target = batching.truncate(target, max_target_len, [vocab.eos_id])
-        out.append({"prompt": np.asarray(prompt, np.int32), "target": np.asarray(target, np.int32),
-                    "prompt_text": _text(ex["inputs_pretokenized"]), "target_text": target_text,
-                    "references": [_text(r) for r in ex["references"]]})
-    log.info("%s/%s (%s): %d examples; filtered %d with empty targets; over-long (prompt > %d or "
-             "target > %d tokens): %d %s", task_name, split, task.name, len(out), empty, max_prompt_len,
-             max_target_len, truncated if overlong == "truncate" else dropped,
-             "truncated" if overlong == "truncate" else "dropped")
-    if not out:
-        raise ValueError(f"{task_name}/{split}: no examples left after filtering")
-    _CACHE[key] = out
-    return vocab, out
+  ds = task.get_dataset(sequence_length=None, split=split, shuffle=False, num_epochs=1)
+  if max_examples is not None:
+    ds = ds.take(max_examples)
+  out, empty, truncated, dropped = [], 0, 0, 0
+  for ex in _examples(ds):
+    target_text = _text(ex["targets_pretokenized"])
+    if not target_text.strip():
+      empty += 1
+      continue
+    prompt = ([vocab.bos_id] if add_bos else []) + ex["inputs"]
+    target = ex["targets"]
+    if len(prompt) > max_prompt_len or len(target) > max_target_len:
+      if overlong == "drop":
+        dropped += 1
+        continue
+      truncated += 1
+      prompt = batching.truncate(prompt, max_prompt_len, prompt_tail)
+      target = batching.truncate(target, max_target_len, [vocab.eos_id])
+    out.append(
+      {
+        "prompt": np.asarray(prompt, np.int32),
+        "target": np.asarray(target, np.int32),
+        "prompt_text": _text(ex["inputs_pretokenized"]),
+        "target_text": target_text,
+        "references": [_text(r) for r in ex["references"]],
+      }
+    )
+  log.info(
+    "%s/%s (%s): %d examples; filtered %d with empty targets; over-long (prompt > %d or "
+    "target > %d tokens): %d %s",
+    task_name,
+    split,
+    task.name,
+    len(out),
+    empty,
+    max_prompt_len,
+    max_target_len,
+    truncated if overlong == "truncate" else dropped,
+    "truncated" if overlong == "truncate" else "dropped",
+  )
+  if not out:
+    raise ValueError(f"{task_name}/{split}: no examples left after filtering")
+  _CACHE[key] = out
+  return vocab, out
 
 
-def load_examples(task_name, split, *, tokenizer, model_kind="decoder", prompt_format="t5", source=None,
-                  data_dir=None, paths=None, tfds_name=None, tfds_data_dir=None, max_prompt_len=512,
-                  max_target_len=256, overlong="truncate", add_bos=False, max_examples=None) -> list[dict]:
-    """The split's examples after filtering: [{"prompt": int32 [p], "target": int32 [t], "prompt_text",
-    "target_text", "references": [str]}] in source order. Cached per configuration in this process.
+def load_examples(
+  task_name,
+  split,
+  *,
+  tokenizer,
+  model_kind="decoder",
+  prompt_format="t5",
+  source=None,
+  data_dir=None,
+  paths=None,
+  tfds_name=None,
+  tfds_data_dir=None,
+  max_prompt_len=512,
+  max_target_len=256,
+  overlong="truncate",
+  add_bos=False,
+  max_examples=None,
+) -> list[dict]:
+  """The split's examples after filtering: [{"prompt": int32 [p], "target": int32 [t], "prompt_text",
+  "target_text", "references": [str]}] in source order. Cached per configuration in this process.
 
-    Prompts hold at most max_prompt_len ids (BOS first if add_bos), targets at most max_target_len
-    (EOS last). overlong="truncate" keeps a prompt's head plus its format tail (the chat generation
-    prompt / T5 EOS) and a target's head plus EOS; "drop" drops the example.
-    """
-    task_kwargs = dict(tokenizer=tokenizer, model_kind=model_kind, prompt_format=prompt_format, source=source,
-                       data_dir=data_dir, paths=paths, tfds_name=tfds_name, tfds_data_dir=tfds_data_dir)
-    return _load(task_name, split, task_kwargs, max_prompt_len=max_prompt_len, max_target_len=max_target_len,
-                 overlong=overlong, add_bos=add_bos, max_examples=max_examples)[1]
+  Prompts hold at most max_prompt_len ids (BOS first if add_bos), targets at most max_target_len
+  (EOS last). overlong="truncate" keeps a prompt's head plus its format tail (the chat generation
+  prompt / T5 EOS) and a target's head plus EOS; "drop" drops the example.
+  """
+  task_kwargs = dict(
+    tokenizer=tokenizer,
+    model_kind=model_kind,
+    prompt_format=prompt_format,
+    source=source,
+    data_dir=data_dir,
+    paths=paths,
+    tfds_name=tfds_name,
+    tfds_data_dir=tfds_data_dir,
+  )
+  return _load(
+    task_name,
+    split,
+    task_kwargs,
+    max_prompt_len=max_prompt_len,
+    max_target_len=max_target_len,
+    overlong=overlong,
+    add_bos=add_bos,
+    max_examples=max_examples,
+  )[1]
 
 
 def epoch_order(n: int, epoch: int, seed: int, shuffle: bool = True) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+  return np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
 
 
 def stream_indices(n, start, count, seed, shuffle=True) -> np.ndarray:
-    """Example indices at positions [start, start + count) of the epoch-after-epoch stream."""
-    out, pos = [], start
-    while len(out) < count:
-        epoch, offset = divmod(pos, n)
-        take = epoch_order(n, epoch, seed, shuffle)[offset:offset + count - len(out)]
-        out.extend(take.tolist())
-        pos += len(take)
-    return np.asarray(out, np.int64)
+  """Example indices at positions [start, start + count) of the epoch-after-epoch stream."""
+  out, pos = [], start
+  while len(out) < count:
+    epoch, offset = divmod(pos, n)
+    take = epoch_order(n, epoch, seed, shuffle)[offset : offset + count - len(out)]
+    out.extend(take.tolist())
+    pos += len(take)
+  return np.asarray(out, np.int64)
 
 
-def get_dataset(task_name, split="train", *, tokenizer, model_kind="decoder", prompt_format="t5",
-                source=None, data_dir=None, paths=None, tfds_name=None, tfds_data_dir=None, max_prompt_len=512,
-                max_target_len=256, batch_size=8, seed=0, shuffle=True, num_epochs=None, shard_index=None,
-                num_shards=None, start_step=0, num_buckets=3, overlong="truncate", add_bos=False,
-                decoder_start_id=0, drop_remainder=True, max_examples=None):
-    """Iterator of numpy int32 batches (dict layout in gkd_jax.data.batching) for this host.
+def get_dataset(
+  task_name,
+  split="train",
+  *,
+  tokenizer,
+  model_kind="decoder",
+  prompt_format="t5",
+  source=None,
+  data_dir=None,
+  paths=None,
+  tfds_name=None,
+  tfds_data_dir=None,
+  max_prompt_len=512,
+  max_target_len=256,
+  batch_size=8,
+  seed=0,
+  shuffle=True,
+  num_epochs=None,
+  shard_index=None,
+  num_shards=None,
+  start_step=0,
+  num_buckets=3,
+  overlong="truncate",
+  add_bos=False,
+  decoder_start_id=0,
+  drop_remainder=True,
+  max_examples=None,
+):
+  """Iterator of numpy int32 batches (dict layout in gkd_jax.data.batching) for this host.
 
-    task_name: one of gkd_jax.data.tasks.TASKS ("xsum", "scitldr", "translate_en_de", "gsm8k", "instruct").
-    tokenizer: gkd_jax Tokenizer (or a SentencePiece .model path / seqio.Vocabulary for prompt_format="t5").
-    model_kind: "decoder" or "encdec"; prompt_format: "t5" or "chat".
-    source: "local" (files under data_dir / paths) or "tfds"; default local if data_dir/paths are given.
-    batch_size: rows per host; num_epochs: None = repeat forever; drop_remainder=False pads the last
-    batch with empty rows. shard_index/num_shards default to jax.process_index()/process_count() when
-    jax is already imported, else 0/1. start_step: first global step to yield.
-    """
-    shard_index, num_shards = _default_shards(shard_index, num_shards)
-    task_kwargs = dict(tokenizer=tokenizer, model_kind=model_kind, prompt_format=prompt_format, source=source,
-                       data_dir=data_dir, paths=paths, tfds_name=tfds_name, tfds_data_dir=tfds_data_dir)
-    vocab, examples = _load(task_name, split, task_kwargs, max_prompt_len=max_prompt_len,
-                            max_target_len=max_target_len, overlong=overlong, add_bos=add_bos,
-                            max_examples=max_examples)
-    return _batches(examples, pad_id=vocab.pad_id, model_kind=model_kind, batch_size=batch_size, seed=seed,
-                    shuffle=shuffle, num_epochs=num_epochs, shard_index=shard_index, num_shards=num_shards,
-                    start_step=start_step, prompt_buckets=batching.bucket_lengths(max_prompt_len, num_buckets),
-                    target_buckets=batching.bucket_lengths(max_target_len, num_buckets),
-                    decoder_start_id=decoder_start_id, drop_remainder=drop_remainder)
+  task_name: one of gkd_jax.data.tasks.TASKS ("xsum", "scitldr", "translate_en_de", "gsm8k", "instruct").
+  tokenizer: gkd_jax Tokenizer (or a SentencePiece .model path / seqio.Vocabulary for prompt_format="t5").
+  model_kind: "decoder" or "encdec"; prompt_format: "t5" or "chat".
+  source: "local" (files under data_dir / paths) or "tfds"; default local if data_dir/paths are given.
+  batch_size: rows per host; num_epochs: None = repeat forever; drop_remainder=False pads the last
+  batch with empty rows. shard_index/num_shards default to jax.process_index()/process_count() when
+  jax is already imported, else 0/1. start_step: first global step to yield.
+  """
+  shard_index, num_shards = _default_shards(shard_index, num_shards)
+  task_kwargs = dict(
+    tokenizer=tokenizer,
+    model_kind=model_kind,
+    prompt_format=prompt_format,
+    source=source,
+    data_dir=data_dir,
+    paths=paths,
+    tfds_name=tfds_name,
+    tfds_data_dir=tfds_data_dir,
+  )
+  vocab, examples = _load(
+    task_name,
+    split,
+    task_kwargs,
+    max_prompt_len=max_prompt_len,
+    max_target_len=max_target_len,
+    overlong=overlong,
+    add_bos=add_bos,
+    max_examples=max_examples,
+  )
+  return _batches(
+    examples,
+    pad_id=vocab.pad_id,
+    model_kind=model_kind,
+    batch_size=batch_size,
+    seed=seed,
+    shuffle=shuffle,
+    num_epochs=num_epochs,
+    shard_index=shard_index,
+    num_shards=num_shards,
+    start_step=start_step,
+    prompt_buckets=batching.bucket_lengths(max_prompt_len, num_buckets),
+    target_buckets=batching.bucket_lengths(max_target_len, num_buckets),
+    decoder_start_id=decoder_start_id,
+    drop_remainder=drop_remainder,
+  )
 
 
-def _batches(examples, *, pad_id, model_kind, batch_size, seed, shuffle, num_epochs, shard_index, num_shards,
-             start_step, prompt_buckets, target_buckets, decoder_start_id, drop_remainder):
-    n = len(examples)
-    global_batch = batch_size * num_shards
-    prompt_lens = np.asarray([len(e["prompt"]) for e in examples])
-    target_lens = np.asarray([len(e["target"]) for e in examples])
-    total = None if num_epochs is None else n * num_epochs
-    step = start_step
-    while True:
-        start = step * global_batch
-        if total is not None and (start >= total or (drop_remainder and start + global_batch > total)):
-            return
-        count = global_batch if total is None else min(global_batch, total - start)
-        idx = stream_indices(n, start, count, seed, shuffle)
-        prompt_len = batching.pick_bucket(int(prompt_lens[idx].max()), prompt_buckets)
-        target_len = batching.pick_bucket(int(target_lens[idx].max()), target_buckets)
-        mine = idx[shard_index * batch_size:(shard_index + 1) * batch_size]
-        rows = [examples[i] for i in mine]
-        empty = [np.zeros(0, np.int32)] * (batch_size - len(rows))
-        prompts = [e["prompt"] for e in rows] + empty
-        targets = [e["target"] for e in rows] + empty
-        if model_kind == "encdec":
-            yield batching.encdec_batch(prompts, targets, pad_id=pad_id, prompt_len=prompt_len,
-                                        target_len=target_len, decoder_start_id=decoder_start_id)
-        else:
-            yield batching.decoder_batch(prompts, targets, pad_id=pad_id, prompt_len=prompt_len,
-                                         target_len=target_len)
-        step += 1
+def _batches(
+  examples,
+  *,
+  pad_id,
+  model_kind,
+  batch_size,
+  seed,
+  shuffle,
+  num_epochs,
+  shard_index,
+  num_shards,
+  start_step,
+  prompt_buckets,
+  target_buckets,
+  decoder_start_id,
+  drop_remainder,
+):
+  n = len(examples)
+  global_batch = batch_size * num_shards
+  prompt_lens = np.asarray([len(e["prompt"]) for e in examples])
+  target_lens = np.asarray([len(e["target"]) for e in examples])
+  total = None if num_epochs is None else n * num_epochs
+  step = start_step
+  while True:
+    start = step * global_batch
+    if total is not None and (start >= total or (drop_remainder and start + global_batch > total)):
+      return
+    count = global_batch if total is None else min(global_batch, total - start)
+    idx = stream_indices(n, start, count, seed, shuffle)
+    prompt_len = batching.pick_bucket(int(prompt_lens[idx].max()), prompt_buckets)
+    target_len = batching.pick_bucket(int(target_lens[idx].max()), target_buckets)
+    mine = idx[shard_index * batch_size : (shard_index + 1) * batch_size]
+    rows = [examples[i] for i in mine]
+    empty = [np.zeros(0, np.int32)] * (batch_size - len(rows))
+    prompts = [e["prompt"] for e in rows] + empty
+    targets = [e["target"] for e in rows] + empty
+    if model_kind == "encdec":
+      yield batching.encdec_batch(
+        prompts,
+        targets,
+        pad_id=pad_id,
+        prompt_len=prompt_len,
+        target_len=target_len,
+        decoder_start_id=decoder_start_id,
+      )
+    else:
+      yield batching.decoder_batch(
+        prompts, targets, pad_id=pad_id, prompt_len=prompt_len, target_len=target_len
+      )
+    step += 1
 
 
-def get_eval_examples(task_name, split, *, tokenizer, model_kind="decoder", prompt_format="t5", source=None,
-                      data_dir=None, paths=None, tfds_name=None, tfds_data_dir=None, max_prompt_len=512,
-                      max_target_len=256, overlong="truncate", add_bos=False, max_examples=None) -> list[dict]:
-    """[{"prompt_tokens": int32 [p], "prompt_text": str, "reference": str, "references": [str]}] in source
-    order, for decoding then scoring with `gkd_jax.data.evaluate(task_name, references, predictions)`.
-    "reference" is the training target (the first reference)."""
-    examples = load_examples(task_name, split, tokenizer=tokenizer, model_kind=model_kind,
-                             prompt_format=prompt_format, source=source, data_dir=data_dir, paths=paths,
-                             tfds_name=tfds_name, tfds_data_dir=tfds_data_dir, max_prompt_len=max_prompt_len,
-                             max_target_len=max_target_len, overlong=overlong, add_bos=add_bos,
-                             max_examples=max_examples)
-    return [{"prompt_tokens": e["prompt"], "prompt_text": e["prompt_text"], "reference": e["target_text"],
-             "references": e["references"]} for e in examples]
+def get_eval_examples(
+  task_name,
+  split,
+  *,
+  tokenizer,
+  model_kind="decoder",
+  prompt_format="t5",
+  source=None,
+  data_dir=None,
+  paths=None,
+  tfds_name=None,
+  tfds_data_dir=None,
+  max_prompt_len=512,
+  max_target_len=256,
+  overlong="truncate",
+  add_bos=False,
+  max_examples=None,
+) -> list[dict]:
+  """[{"prompt_tokens": int32 [p], "prompt_text": str, "reference": str, "references": [str]}] in source
+  order, for decoding then scoring with `gkd_jax.data.evaluate(task_name, references, predictions)`.
+  "reference" is the training target (the first reference)."""
+  examples = load_examples(
+    task_name,
+    split,
+    tokenizer=tokenizer,
+    model_kind=model_kind,
+    prompt_format=prompt_format,
+    source=source,
+    data_dir=data_dir,
+    paths=paths,
+    tfds_name=tfds_name,
+    tfds_data_dir=tfds_data_dir,
+    max_prompt_len=max_prompt_len,
+    max_target_len=max_target_len,
+    overlong=overlong,
+    add_bos=add_bos,
+    max_examples=max_examples,
+  )
+  return [
+    {
+      "prompt_tokens": e["prompt"],
+      "prompt_text": e["prompt_text"],
+      "reference": e["target_text"],
+      "references": e["references"],
+    }
+    for e in examples
+  ]

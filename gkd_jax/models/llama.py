@@ -66,14 +66,23 @@ class LlamaConfig:
   scan_layers: bool = False
 
   def __post_init__(self):
-    for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
-              "head_dim", "mlp_dim", "max_seq_len"):
+    for f in (
+      "vocab_size",
+      "d_model",
+      "n_layers",
+      "n_heads",
+      "n_kv_heads",
+      "head_dim",
+      "mlp_dim",
+      "max_seq_len",
+    ):
       v = getattr(self, f)
       if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
         raise ValueError(f"LlamaConfig.{f} must be a positive int, got {v!r}")
     if self.n_heads % self.n_kv_heads:
-      raise ValueError(f"LlamaConfig.n_heads={self.n_heads} is not a multiple of "
-                       f"n_kv_heads={self.n_kv_heads}")
+      raise ValueError(
+        f"LlamaConfig.n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
+      )
     if self.head_dim % 2:
       raise ValueError(f"LlamaConfig.head_dim={self.head_dim} must be even for RoPE")
     if not self.rope_theta > 0:
@@ -81,11 +90,13 @@ class LlamaConfig:
     if not self.rms_eps > 0:
       raise ValueError(f"LlamaConfig.rms_eps must be > 0, got {self.rms_eps!r}")
     if self.final_logit_softcap is not None and not self.final_logit_softcap > 0:
-      raise ValueError("LlamaConfig.final_logit_softcap must be None or > 0, got "
-                       f"{self.final_logit_softcap!r}")
+      raise ValueError(
+        f"LlamaConfig.final_logit_softcap must be None or > 0, got {self.final_logit_softcap!r}"
+      )
     if self.sliding_window is not None and not self.sliding_window > 0:
-      raise ValueError("LlamaConfig.sliding_window must be None or > 0, got "
-                       f"{self.sliding_window!r}")
+      raise ValueError(
+        f"LlamaConfig.sliding_window must be None or > 0, got {self.sliding_window!r}"
+      )
     for f in ("param_dtype", "dtype", "dot_dtype"):
       if getattr(self, f) is None:
         continue
@@ -101,10 +112,15 @@ class LlamaConfig:
       rs = dict(rs)
       kind = rs.get("rope_type", rs.get("type"))
       if kind not in ROPE_SCALING_TYPES:
-        raise ValueError(f"LlamaConfig.rope_scaling: unsupported rope_type {kind!r}; "
-                         f"supported: {ROPE_SCALING_TYPES}")
-      need = ("factor",) if kind == "linear" else (
-          "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        raise ValueError(
+          f"LlamaConfig.rope_scaling: unsupported rope_type {kind!r}; "
+          f"supported: {ROPE_SCALING_TYPES}"
+        )
+      need = (
+        ("factor",)
+        if kind == "linear"
+        else ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+      )
       missing = [k for k in need if k not in rs]
       if missing:
         raise ValueError(f"LlamaConfig.rope_scaling ({kind}) is missing {missing}")
@@ -130,7 +146,9 @@ class LlamaConfig:
 def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
   """Inverse frequencies [Dh/2] (float32), with HF's linear / llama3 scaling."""
   dim = cfg.head_dim
-  inv = (1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))).astype(np.float32)
+  inv = (1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))).astype(
+    np.float32
+  )
   rs = cfg.rope_scaling_dict
   if rs is None:
     return inv
@@ -178,8 +196,9 @@ def attention_mask(kv_mask_BxS, q_slots_T, sliding_window=None):
 def dot(eq, x, w, dtype):
   """einsum(eq, x, w) with both inputs cast to `dtype`, float32 accumulation, result
   in x's dtype (bf16 x bf16 -> f32 is the fast path of CPU and TPU matmul units)."""
-  return jnp.einsum(eq, x.astype(dtype), w.astype(dtype),
-                    preferred_element_type=jnp.float32).astype(x.dtype)
+  return jnp.einsum(
+    eq, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32
+  ).astype(x.dtype)
 
 
 def gqa_attention(q_BxTxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxTxS, dtype=jnp.float32):
@@ -191,8 +210,9 @@ def gqa_attention(q_BxTxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxTxS, dtype=jnp.floa
   b, t, h, dh = q_BxTxHxDh.shape
   k = k_BxKxSxDh.shape[1]
   q_BxTxKxGxDh = q_BxTxHxDh.reshape(b, t, k, h // k, dh).astype(dtype)
-  s_BxKxGxTxS = jnp.einsum("btkgd,bksd->bkgts", q_BxTxKxGxDh, k_BxKxSxDh.astype(dtype),
-                           preferred_element_type=jnp.float32) * (dh ** -0.5)
+  s_BxKxGxTxS = jnp.einsum(
+    "btkgd,bksd->bkgts", q_BxTxKxGxDh, k_BxKxSxDh.astype(dtype), preferred_element_type=jnp.float32
+  ) * (dh**-0.5)
   s_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], s_BxKxGxTxS, _NEG_INF)
   p_BxKxGxTxS = jax.nn.softmax(s_BxKxGxTxS, axis=-1).astype(dtype)
   out_BxKxGxTxDh = jnp.einsum("bkgts,bksd->bkgtd", p_BxKxGxTxS, v_BxKxSxDh.astype(dtype))
@@ -260,7 +280,11 @@ class Block(nnx.Module):
     v = dot("btd,dhk->bthk", h_BxTxD, self.wv[...], mm)
     if cfg.qkv_bias:
       dt = x_BxTxD.dtype
-      q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
+      q, k, v = (
+        q + self.bq[...].astype(dt),
+        k + self.bk[...].astype(dt),
+        v + self.bv[...].astype(dt),
+      )
     q = apply_rope(q, positions_BxT, inv_freq)
     k = apply_rope(k, positions_BxT, inv_freq)
     # keys/values as attention (and a KV cache) holds them: [B,K,T,Dh]
@@ -268,17 +292,21 @@ class Block(nnx.Module):
     if kv is not None:  # write the T new slots in place, attend over the whole cache
       k_cache, v_cache, layer = kv
       if layer is None:  # this layer's own cache [B,K,S,Dh]
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k_BxKxTxDh.astype(k_cache.dtype),
-                                               (0, 0, index, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v_BxKxTxDh.astype(v_cache.dtype),
-                                               (0, 0, index, 0))
+        k_cache = jax.lax.dynamic_update_slice(
+          k_cache, k_BxKxTxDh.astype(k_cache.dtype), (0, 0, index, 0)
+        )
+        v_cache = jax.lax.dynamic_update_slice(
+          v_cache, v_BxKxTxDh.astype(v_cache.dtype), (0, 0, index, 0)
+        )
         k_BxKxTxDh, v_BxKxTxDh = k_cache, v_cache
       else:  # stacked [L,B,K,S,Dh] (scan over layers)
         start = (layer, 0, 0, index, 0)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k_BxKxTxDh.astype(k_cache.dtype)[None],
-                                               start)
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v_BxKxTxDh.astype(v_cache.dtype)[None],
-                                               start)
+        k_cache = jax.lax.dynamic_update_slice(
+          k_cache, k_BxKxTxDh.astype(k_cache.dtype)[None], start
+        )
+        v_cache = jax.lax.dynamic_update_slice(
+          v_cache, v_BxKxTxDh.astype(v_cache.dtype)[None], start
+        )
         k_BxKxTxDh, v_BxKxTxDh = k_cache[layer], v_cache[layer]
     # attention runs in the compute dtype (CPU XLA has no fast batched bf16 matmul)
     out_BxTxHxDh = gqa_attention(q, k_BxKxTxDh, v_BxKxTxDh, mask_BxTxS, x_BxTxD.dtype)
@@ -287,8 +315,7 @@ class Block(nnx.Module):
     h_BxTxD = rms_norm(x_BxTxD, self.mlp_norm[...], cfg.rms_eps)
     gate_BxTxF = dot("btd,df->btf", h_BxTxD, self.w_gate[...], mm)
     up_BxTxF = dot("btd,df->btf", h_BxTxD, self.w_up[...], mm)
-    x_BxTxD = x_BxTxD + dot("btf,fd->btd", jax.nn.silu(gate_BxTxF) * up_BxTxF,
-                            self.w_down[...], mm)
+    x_BxTxD = x_BxTxD + dot("btf,fd->btd", jax.nn.silu(gate_BxTxF) * up_BxTxF, self.w_down[...], mm)
     return x_BxTxD, ((k_cache, v_cache) if kv is not None else (k_BxKxTxDh, v_BxKxTxDh))
 
 
@@ -308,10 +335,12 @@ class Llama(nnx.Module):
     self.cfg = cfg
     self.embed = _param(rngs, _normal, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg)
     if cfg.scan_layers:
+
       @nnx.split_rngs(splits=cfg.n_layers)
       @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
       def make_blocks(rngs):
         return Block(cfg, rngs=rngs)
+
       self.layers = make_blocks(rngs)
     else:
       self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
@@ -328,8 +357,9 @@ class Llama(nnx.Module):
   def logits_from_hidden(self, h_BxTxD):
     """softcap(h @ W) in float32 (inputs in cfg.matmul_dtype, float32 accumulation)."""
     mm = jnp.dtype(self.cfg.matmul_dtype)
-    logits = jnp.einsum("btd,dv->btv", h_BxTxD.astype(mm), self.head().astype(mm),
-                        preferred_element_type=jnp.float32)
+    logits = jnp.einsum(
+      "btd,dv->btv", h_BxTxD.astype(mm), self.head().astype(mm), preferred_element_type=jnp.float32
+    )
     return softcap(logits.astype(jnp.float32), self.cfg.final_logit_softcap)
 
   def hidden_states(self, tokens_BxT, *, mask_BxT=None, positions_BxT=None):
@@ -356,11 +386,16 @@ class Llama(nnx.Module):
       kv = lambda: jnp.zeros((cfg.n_layers,) + shape, dtype)
     else:
       kv = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
-    return {"k": kv(), "v": kv(), "kv_mask": jnp.zeros((batch, max_len), bool),
-            "index": jnp.zeros((), jnp.int32)}
+    return {
+      "k": kv(),
+      "v": kv(),
+      "kv_mask": jnp.zeros((batch, max_len), bool),
+      "index": jnp.zeros((), jnp.int32),
+    }
 
-  def forward_with_cache(self, tokens_BxT, cache, *, mask_BxT=None, positions_BxT=None,
-                         last_only=False):
+  def forward_with_cache(
+    self, tokens_BxT, cache, *, mask_BxT=None, positions_BxT=None, last_only=False
+  ):
     """Prefill (T = prompt length, left-padded) or decode (T = 1) step.
 
     Writes the T new keys/values at slots [index, index+T), records mask_BxT in
@@ -380,8 +415,9 @@ class Llama(nnx.Module):
     mask_BxT, positions_BxT = self._defaults(tokens_BxT, mask_BxT, positions_BxT, offset_B)
     kv_mask_BxS = jax.lax.dynamic_update_slice(cache["kv_mask"], mask_BxT.astype(bool), (0, index))
     mask_BxTxS = attention_mask(kv_mask_BxS, index + jnp.arange(t), self.cfg.sliding_window)
-    h, (k, v) = self._layers(self._embed(tokens_BxT), positions_BxT, mask_BxTxS,
-                             cache["k"], cache["v"], index)
+    h, (k, v) = self._layers(
+      self._embed(tokens_BxT), positions_BxT, mask_BxTxS, cache["k"], cache["v"], index
+    )
     if last_only:
       h = h[:, -1:]
     h = rms_norm(h, self.final_norm[...], self.cfg.rms_eps)
@@ -400,8 +436,9 @@ class Llama(nnx.Module):
     if positions_BxT is None:
       positions_BxT = default_positions(mask_BxT, offset_B)
     elif positions_BxT.shape != tokens_BxT.shape:
-      raise ValueError(f"positions_BxT shape {positions_BxT.shape} != tokens_BxT shape "
-                       f"{tokens_BxT.shape}")
+      raise ValueError(
+        f"positions_BxT shape {positions_BxT.shape} != tokens_BxT shape {tokens_BxT.shape}"
+      )
     return mask_BxT, positions_BxT
 
   def _embed(self, tokens_BxT):
@@ -424,19 +461,30 @@ class Llama(nnx.Module):
       def body(carry, xs):  # the full cache rides in the carry: updated in place
         x, kc, vc = carry
         st, layer = xs
-        x, kv = run(graphdef, st, x, positions_BxT, mask_BxTxS, inv_freq,
-                    (kc, vc, layer) if has_cache else None, index)
+        x, kv = run(
+          graphdef,
+          st,
+          x,
+          positions_BxT,
+          mask_BxTxS,
+          inv_freq,
+          (kc, vc, layer) if has_cache else None,
+          index,
+        )
         return ((x,) + (kv if has_cache else (None, None))), None
 
       (x_BxTxD, k_cache, v_cache), _ = jax.lax.scan(
-          body, (x_BxTxD, k_cache, v_cache), (state, jnp.arange(cfg.n_layers)))
+        body, (x_BxTxD, k_cache, v_cache), (state, jnp.arange(cfg.n_layers))
+      )
       return x_BxTxD, (k_cache, v_cache)
 
     new_k, new_v = [], []
     for i, block in enumerate(self.layers):
       graphdef, state = nnx.split(block)
       kv = (k_cache[i], v_cache[i], None) if has_cache else None
-      x_BxTxD, (k, v) = run(graphdef, state, x_BxTxD, positions_BxT, mask_BxTxS, inv_freq, kv, index)
+      x_BxTxD, (k, v) = run(
+        graphdef, state, x_BxTxD, positions_BxT, mask_BxTxS, inv_freq, kv, index
+      )
       new_k.append(k)
       new_v.append(v)
     if has_cache:
