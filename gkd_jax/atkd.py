@@ -89,7 +89,7 @@ def decompose(student_logits, teacher_logits, targets, *, temperature=1.0, vocab
 
   Shapes: logits ``[..., V]``, targets ``[...]`` int. KL == tkd + uncertainty * dkd.
   """
-  ls, lt = dv._pair(student_logits, teacher_logits, temperature, vocab_size)
+  ls, lt = dv.pair_log_probs(student_logits, teacher_logits, temperature, vocab_size)
   check_targets(student_logits, targets)
   return decompose_log_probs(ls, lt, targets)
 
@@ -178,7 +178,7 @@ def atkd_loss(
   threshold over all valid tokens; "sequence": one per row. Masked tokens never change the loss.
   """
   check_params(easy_weight, hard_fraction, split, base)
-  ls, lt = dv._pair(student_logits, teacher_logits, temperature, vocab_size)
+  ls, lt = dv.pair_log_probs(student_logits, teacher_logits, temperature, vocab_size)
   check_targets(student_logits, targets)
   if tuple(mask.shape) != tuple(targets.shape):
     raise ValueError(f"mask must have shape {tuple(targets.shape)}, got {tuple(mask.shape)}")

@@ -98,7 +98,8 @@ def _log_mix(w: float, logp, logq):
 
 
 # --------------------------------------------------------------- divergences
-def _pair(student_logits, teacher_logits, temperature, vocab_size):
+def pair_log_probs(student_logits, teacher_logits, temperature, vocab_size):
+  """(student, teacher) log-probs [..., V] at `temperature`, after checking shapes (check_pair)."""
   temperature = check_temperature(temperature)
   check_pair(student_logits, teacher_logits, vocab_size)
   return (
@@ -109,13 +110,13 @@ def _pair(student_logits, teacher_logits, temperature, vocab_size):
 
 def forward_kl(student_logits, teacher_logits, *, temperature=1.0, vocab_size=None):
   """KL(P_T || P_S) per token (mode-covering; supervised KD's divergence)."""
-  ls, lt = _pair(student_logits, teacher_logits, temperature, vocab_size)
+  ls, lt = pair_log_probs(student_logits, teacher_logits, temperature, vocab_size)
   return kl(lt, ls)
 
 
 def reverse_kl(student_logits, teacher_logits, *, temperature=1.0, vocab_size=None):
   """KL(P_S || P_T) per token (mode-seeking)."""
-  ls, lt = _pair(student_logits, teacher_logits, temperature, vocab_size)
+  ls, lt = pair_log_probs(student_logits, teacher_logits, temperature, vocab_size)
   return kl(ls, lt)
 
 
@@ -134,14 +135,14 @@ def generalized_jsd(student_logits, teacher_logits, *, beta=0.5, temperature=1.0
     return reverse_kl(
       student_logits, teacher_logits, temperature=temperature, vocab_size=vocab_size
     )
-  ls, lt = _pair(student_logits, teacher_logits, temperature, vocab_size)
+  ls, lt = pair_log_probs(student_logits, teacher_logits, temperature, vocab_size)
   lm = _log_mix(beta, lt, ls)
   return beta * kl(lt, lm) + (1.0 - beta) * kl(ls, lm)
 
 
 def total_variation(student_logits, teacher_logits, *, temperature=1.0, vocab_size=None):
   """0.5 * sum_v |P_T(v) - P_S(v)| per token, in [0, 1]."""
-  ls, lt = _pair(student_logits, teacher_logits, temperature, vocab_size)
+  ls, lt = pair_log_probs(student_logits, teacher_logits, temperature, vocab_size)
   return 0.5 * jnp.sum(jnp.abs(jnp.exp(lt) - jnp.exp(ls)), axis=-1)
 
 
@@ -155,14 +156,14 @@ def _skew(lp_a, lp_b, alpha: float):
 def skew_kl(student_logits, teacher_logits, *, alpha=0.1, temperature=1.0, vocab_size=None):
   """Skew KL (DistiLLM): KL(P_T || alpha*P_T + (1-alpha)*P_S). alpha=0 is forward KL."""
   alpha = check_unit("alpha", alpha)
-  ls, lt = _pair(student_logits, teacher_logits, temperature, vocab_size)
+  ls, lt = pair_log_probs(student_logits, teacher_logits, temperature, vocab_size)
   return _skew(lt, ls, alpha)
 
 
 def skew_reverse_kl(student_logits, teacher_logits, *, alpha=0.1, temperature=1.0, vocab_size=None):
   """Skew reverse KL (DistiLLM): KL(P_S || alpha*P_S + (1-alpha)*P_T). alpha=0 is reverse KL."""
   alpha = check_unit("alpha", alpha)
-  ls, lt = _pair(student_logits, teacher_logits, temperature, vocab_size)
+  ls, lt = pair_log_probs(student_logits, teacher_logits, temperature, vocab_size)
   return _skew(ls, lt, alpha)
 
 

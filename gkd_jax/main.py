@@ -113,6 +113,12 @@ def main(argv):
       "background thread %s failed", a.thread, exc_info=(a.exc_type, a.exc_value, a.exc_traceback)
     )
     sys.excepthook = _quiet_closed_loop(sys.excepthook)
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda u: (
+      None
+      if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"
+      else previous(u)
+    )
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO chatter
   texts = list(FLAGS.gin_bindings)
   for path in FLAGS.gin_file:
