@@ -9,6 +9,7 @@ Stages, each cached under --out (default runs/replication-<scale>) and reused by
   teacher_sft/   the teacher fine-tuned on the task (the trainer's teacher-SFT stage)
   student_sft/   the pruned student after SFT (its hf/ export starts every cell)
   cells/NAME/seedS/   one trainer run per cell and seed (resumable; summary.json when done)
+A finished cell drops its checkpoints (its summary and row remain).
 Every cell trains the same number of steps on the same batch size from the same SFT'd student;
 the seed changes the data order and the sampling keys. A finished cell is skipped on re-runs.
 Results (--results, default results/): replication.csv (one row per cell and seed),
@@ -113,7 +114,15 @@ def run_cell(grid, out, name, seed, workdir=None):
       raise RuntimeError(f"cell {name} seed {seed} stopped: {summary['status']}")
     summary["machine"] = machine()
     train.write_summary(workdir, summary)
+  drop_checkpoints(workdir)
   return row(name, seed, c, summary)
+
+
+def drop_checkpoints(workdir):
+  """A finished cell keeps its summary, metrics and samples, not its checkpoints (~1.8 GB each
+  at the CPU scale): its row is final and a re-run skips it by its summary."""
+  import shutil
+  shutil.rmtree(os.path.join(workdir, "ckpt"), ignore_errors=True)
 
 
 def order(grid):
@@ -369,7 +378,12 @@ def main(argv=None):
     if a.fresh:
       import tempfile
       workdir = tempfile.mkdtemp(prefix=f"cell-{a.cell}-")
-    r = run_cell(grid, out, a.cell, a.seed, workdir)
+    try:
+      r = run_cell(grid, out, a.cell, a.seed, workdir)
+    finally:
+      if workdir is not None:
+        import shutil
+        shutil.rmtree(workdir, ignore_errors=True)
     print(",".join(FIELDS))
     print(",".join(str(r[k]) for k in FIELDS))
     return 0

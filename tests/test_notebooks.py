@@ -18,7 +18,8 @@ CELL_TIMEOUT_S = 300
 def _run(nb, cwd):
   """Executes `nb` in place in a fresh python3 kernel: CPU JAX, one device (as on Colab's CPU)."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(GKD_NOTEBOOK_SMALL="1", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  env.update(GKD_NOTEBOOK_SMALL="1", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+             TMPDIR=str(cwd))  # the notebook's tempfile workdirs go with pytest's tmp_path
   client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, startup_timeout=120, kernel_name="python3",
                           resources={"metadata": {"path": str(cwd)}})
   client.execute(env=env)

@@ -55,6 +55,8 @@ def test_two_cell_grid_with_resume(tmp_path):
   first = rep.run_cell(grid, out, "sft", 0)  # a partial run: one cell of two
   assert first["cell"] == "sft" and first["steps"] == 2 and first["loss"] == "sft"
   done = os.path.join(rep.cell_dir(out, "sft", 0), "summary.json")
+  assert not os.path.exists(os.path.join(rep.cell_dir(out, "sft", 0), "ckpt"))  # disk: dropped
+  assert os.path.isdir(os.path.join(out, "student_sft", "hf"))  # the stage every cell starts from
   stamp = os.stat(done).st_mtime_ns
   stage_stamp = os.stat(os.path.join(out, "student_sft", "summary.json")).st_mtime_ns
 
