@@ -26,8 +26,7 @@ def run_one(n, d, v, path, loss, chunk, repeats):
   import jax.numpy as jnp
   import psutil
 
-  from gkd_jax import atkd as at
-  from gkd_jax import divergences as dv
+  from gkd_jax import losses
   from gkd_jax.fused import fused_loss
 
   k = jax.random.split(jax.random.PRNGKey(0), 5)
@@ -41,14 +40,14 @@ def run_one(n, d, v, path, loss, chunk, repeats):
   if loss == "atkd":
     params = {"split": "batch"}
 
+  obj = losses.get(loss, **params)
+
   def unfused(hs, ws):
-    s, t = hs @ ws, ht @ wt
-    if loss == "atkd":
-      return at.atkd_loss(s[None], t[None], tgt[None], mask[None], **params)[0]
-    return dv.masked_mean(dv.get_divergence(loss, **params)(s, t), mask)[0]
+    total, count, _ = losses.loss_sum(obj, (hs @ ws)[None], (ht @ wt)[None], tgt[None], mask[None])
+    return total / jnp.maximum(count, 1.0)
 
   def fused(hs, ws):
-    return fused_loss(hs, ws, ht, wt, mask, tgt, loss=loss, chunk_size=chunk, **params)[0]
+    return fused_loss(hs, ws, ht, wt, mask, tgt, loss=obj, chunk_size=chunk)[0]
 
   fn = jax.jit(jax.value_and_grad(fused if path == "fused" else unfused, argnums=(0, 1)))
   t0 = time.perf_counter()
@@ -85,10 +84,10 @@ def main():
     n, path, loss = a.one.split(",")
     print(json.dumps(run_one(int(n), a.d, a.v, path, loss, a.chunk, a.repeats)))
     return
-  from gkd_jax.divergences import DIVERGENCES
+  from gkd_jax.losses import names
   for loss in a.losses:
-    if loss not in DIVERGENCES + ("atkd",):
-      sys.exit(f"--losses: unknown loss {loss!r}; allowed: {', '.join(DIVERGENCES + ('atkd',))}")
+    if loss not in names():
+      sys.exit(f"--losses: unknown loss {loss!r}; allowed: {', '.join(names())}")
   print(f"value_and_grad wrt student hidden+head; D={a.d} V={a.v} chunk={a.chunk} float32, "
         f"{os.cpu_count()} CPU cores, median of {a.repeats}")
   head = (f"{'N':>6} {'loss':>5} {'path':>8} {'time s':>8} {'compile s':>9} {'XLA MB':>9} "

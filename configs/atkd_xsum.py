@@ -12,8 +12,5 @@ def get_config():
   c = demo.get_config()
   c.gkd.lmbda = 0.0
   c.gkd.loss = "atkd"
-  c.gkd.easy_weight = 0.2
-  c.gkd.hard_fraction = 0.5
-  c.gkd.atkd_split = "batch"
-  c.gkd.atkd_base = "fkl"
+  c.gkd.loss_kw = {"easy_weight": 0.2, "hard_fraction": 0.5, "split": "batch", "base": "fkl"}
   return c

@@ -7,14 +7,16 @@ rejects unknown keys and out-of-range values with the dotted key in the message.
 
 from __future__ import annotations
 
+import json
 import math
 
 import ml_collections
 
+from gkd_jax import atkd
 from gkd_jax import divergences as dv
+from gkd_jax import losses
 
 MODES = ("gkd", "sft")
-LOSSES = dv.DIVERGENCES + ("atkd",)
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("constant", "linear", "cosine")
 STUDENT_INITS = ("path", "prune", "fresh")
@@ -50,6 +52,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.student.dtype = "float32"
   c.student.param_dtype = "float32"
   c.student.remat = False
+  # Llama family: the layers as one scanned block (one layer compiled, not n: faster compiles
+  # for deep students); not with train.top_layers.
+  c.student.scan_layers = False
 
   c.data = ml_collections.ConfigDict()
   c.data.task = "xsum"
@@ -72,7 +77,10 @@ def defaults() -> ml_collections.ConfigDict:
   c.gkd.max_new_tokens = 64
   c.gkd.top_k = 0
   c.gkd.top_p = 1.0
-  c.gkd.loss = "jsd"  # fkl | rkl | jsd | tvd | skl | srkl | atkd
+  c.gkd.loss = "jsd"  # a gkd_jax.losses name: fkl | rkl | jsd | tvd | skl | srkl | atkd
+  # The loss's parameters (the fields of its gkd_jax.losses class), e.g. {"beta": 0.9}; they
+  # win over the flat aliases below (gkd.beta, gkd.alpha, gkd.easy_weight, gkd.atkd_*).
+  c.gkd.loss_kw = ml_collections.ConfigDict()
   c.gkd.beta = 0.5  # jsd
   c.gkd.alpha = 0.1  # skl / srkl
   c.gkd.loss_temperature = 1.0
@@ -167,6 +175,19 @@ def flatten(d, prefix="") -> dict:
   return out
 
 
+def with_defaults(recorded: dict) -> dict:
+  """A recorded config (a run's config.json) with the keys it lacks, those added to the schema
+  after it was written, at their defaults: a new key's default keeps the old behaviour."""
+
+  def merge(base, over):
+    out = dict(base)
+    for k, v in over.items():
+      out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+  return merge(json.loads(defaults().to_json_best_effort()), recorded)
+
+
 def config_diff(a: dict, b: dict, ignore=()) -> list[str]:
   """Dotted keys whose values differ between two config dicts (keys starting with ``ignore``)."""
   fa, fb = flatten(a), flatten(b)
@@ -184,7 +205,7 @@ def _keys(c, prefix=""):
   return out
 
 
-_FREE = ("overrides", "paths")  # free-form sub-dicts
+_FREE = ("overrides", "paths", "loss_kw")  # free-form sub-dicts
 
 
 def get(c, dotted):
@@ -247,10 +268,11 @@ def validate(config) -> ml_collections.ConfigDict:
   ):
     unit(k)
   need("gkd.top_p", config.gkd.top_p > 0, "in (0, 1]")
-  need("gkd.loss", config.gkd.loss in LOSSES, f"one of {LOSSES}")
+  need("gkd.loss", config.gkd.loss in losses.names(), f"one of {losses.names()}")
   need("gkd.reduction", config.gkd.reduction in dv.REDUCTIONS, f"one of {dv.REDUCTIONS}")
-  need("gkd.atkd_split", config.gkd.atkd_split in ("sequence", "batch"), "sequence or batch")
-  need("gkd.atkd_base", config.gkd.atkd_base in ("fkl", "rkl"), "fkl or rkl")
+  need("gkd.atkd_split", config.gkd.atkd_split in atkd.SPLITS, f"one of {atkd.SPLITS}")
+  need("gkd.atkd_base", config.gkd.atkd_base in atkd.BASES, f"one of {atkd.BASES}")
+  losses.from_config(config.gkd)  # the loss's own checks, naming gkd.loss_kw
   for k in ("gkd.loss_temperature", "optim.lr", "teacher.sft.lr"):
     positive(k, integer=False)
     need(k, math.isfinite(value(k)), "finite")
@@ -302,6 +324,12 @@ def validate(config) -> ml_collections.ConfigDict:
     "eval.num_samples_logged",
   ):
     positive(k, zero=True)
+  need(
+    "student.scan_layers",
+    isinstance(config.student.scan_layers, bool)
+    and not (config.student.scan_layers and config.train.top_layers),
+    "True or False, and False when train.top_layers > 0 (freezing needs per-layer parameters)",
+  )
   if config.mode == "gkd":
     need(
       "train.sft_warmup_steps",

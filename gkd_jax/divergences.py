@@ -13,15 +13,14 @@ Conventions (shared by every function here):
     0 at beta -> 0 and beta -> 1, so the endpoints are special-cased:
     beta=0 is ``forward_kl`` (KL(P_T||P_S)), beta=1 is ``reverse_kl`` (KL(P_S||P_T)).
 
+The losses built on these (their names, parameters and registry) live in ``gkd_jax.losses``.
 ``masked_mean`` reduces per-token values and also returns the exact (sum, count)
 pair so gradient accumulation and multi-device averages stay exact.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +29,6 @@ import jax.numpy as jnp
 # such values stay finite, so excluded entries give 0 (not NaN) in KL terms.
 _NEG = -1e30
 
-DIVERGENCES = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl")
 REDUCTIONS = ("token", "sequence")
 
 
@@ -165,43 +163,6 @@ def skew_reverse_kl(student_logits, teacher_logits, *, alpha=0.1, temperature=1.
   alpha = check_unit("alpha", alpha)
   ls, lt = pair_log_probs(student_logits, teacher_logits, temperature, vocab_size)
   return _skew(ls, lt, alpha)
-
-
-_BY_NAME = {
-  "fkl": (forward_kl, ()),
-  "rkl": (reverse_kl, ()),
-  "jsd": (generalized_jsd, ("beta",)),
-  "tvd": (total_variation, ()),
-  "skl": (skew_kl, ("alpha",)),
-  "srkl": (skew_reverse_kl, ("alpha",)),
-}
-
-
-def get_divergence(name: str, **params) -> Callable:
-  """Config entry point: ``get_divergence("jsd", beta=0.5)`` -> ``fn(student, teacher)``.
-
-  Names: "fkl", "rkl", "jsd" (beta), "tvd", "skl" (alpha), "srkl" (alpha); every
-  divergence also takes ``temperature`` and ``vocab_size``. Parameters are checked
-  here, before anything is traced.
-  """
-  if name not in _BY_NAME:
-    raise ValueError(f"unknown divergence {name!r}; allowed: {', '.join(DIVERGENCES)}")
-  fn, own = _BY_NAME[name]
-  allowed = set(own) | {"temperature", "vocab_size"}
-  unknown = sorted(set(params) - allowed)
-  if unknown:
-    raise ValueError(
-      f"divergence {name!r} got unknown parameter(s) {unknown}; allowed: {sorted(allowed)}"
-    )
-  if "temperature" in params:
-    check_temperature(params["temperature"])
-  for p in own:
-    if p in params:
-      params[p] = check_unit(p, params[p])
-  vs = params.get("vocab_size")
-  if vs is not None and not (isinstance(vs, int) and vs >= 1):
-    raise ValueError(f"vocab_size must be a positive int, got {vs!r}")
-  return functools.partial(fn, **params)
 
 
 # ----------------------------------------------------------------- reduction

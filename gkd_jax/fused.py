@@ -8,8 +8,9 @@ recomputation): dh_s chunks ``[C, D]`` and an accumulated dW_s ``[D, V]`` are th
 residuals, so peak memory is O(C*V + D*V) instead of O(N*V). The teacher side is
 stop-gradient (its cotangents are zero).
 
-Public entry: ``fused_loss`` with the same knobs as the unfused functions in
-``gkd_jax.divergences`` and ``gkd_jax.atkd`` (which stay the reference).
+Public entry: ``fused_loss``, computing a ``gkd_jax.losses`` object from the same pieces
+(``terms``, ``weights``, ``uncertainty``) as the unfused ``losses.loss_sum``; the pure
+functions in ``gkd_jax.divergences`` and ``gkd_jax.atkd`` stay the reference.
 """
 
 from __future__ import annotations
@@ -19,11 +20,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from gkd_jax import atkd as at
 from gkd_jax import divergences as dv
-
-LOSSES = dv.DIVERGENCES + ("atkd",)
-_ATKD_PARAMS = ("easy_weight", "hard_fraction", "split", "base")
+from gkd_jax import losses
 
 
 def _logits(h_CxD, w_DxV, cap):
@@ -94,9 +92,7 @@ def _fused_bwd(terms_fn, n_chunks, res, cot):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def _check(hs, ws, ht, wt, mask, targets, loss, params, chunk_size):
-  if loss not in LOSSES:
-    raise ValueError(f"unknown loss {loss!r}; allowed: {', '.join(LOSSES)}")
+def _check(hs, ws, ht, wt, mask, targets, loss, chunk_size):
   if hs.ndim < 2 or ht.ndim < 2:
     raise ValueError("student_hidden and teacher_hidden must be [..., D]")
   if hs.shape[:-1] != ht.shape[:-1] or tuple(mask.shape) != tuple(hs.shape[:-1]):
@@ -115,16 +111,11 @@ def _check(hs, ws, ht, wt, mask, targets, loss, params, chunk_size):
     )
   if not (isinstance(chunk_size, int) and chunk_size >= 1):
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-  if loss == "atkd":
+  if loss.needs_uncertainty:
     if targets is None:
-      raise ValueError("loss 'atkd' needs targets (the next token of each position)")
+      raise ValueError(f"loss {loss.name!r} needs targets (the next token of each position)")
     if tuple(targets.shape) != tuple(mask.shape):
       raise ValueError(f"targets must have shape {tuple(mask.shape)}, got {tuple(targets.shape)}")
-    unknown = sorted(set(params) - set(_ATKD_PARAMS))
-    if unknown:
-      raise ValueError(
-        f"loss 'atkd' got unknown parameter(s) {unknown}; allowed: {list(_ATKD_PARAMS)}"
-      )
 
 
 def fused_loss(
@@ -152,26 +143,23 @@ def fused_loss(
     teacher_hidden, teacher_head: ``[..., Dt]`` and ``[Dt, V]`` (stop-gradient).
     mask: ``[...]`` 1 for tokens that count.
     targets: ``[...]`` int next-token ids; needed for ``loss="atkd"``.
-    loss: a divergence name (``gkd_jax.divergences.DIVERGENCES``) or "atkd".
+    loss: a ``gkd_jax.losses`` object, or its name with its parameters as **params.
     reduction: "token" or "sequence" (divergences; ATKD has its own weighting).
     student_softcap, teacher_softcap: optional logit soft-capping before temperature.
     chunk_size: tokens per chunk; peak memory ~ chunk_size * V floats per buffer.
-    **params: beta / alpha for divergences; easy_weight, hard_fraction, split,
-      base for ATKD.
+    **params: with a loss name, its parameters (beta, alpha; ATKD's easy_weight,
+      hard_fraction, split, base).
 
-  aux: divergences -> ``{"sum", "count"}`` (as ``masked_mean``); ATKD -> the
-  metrics of ``atkd.atkd_loss``.
+  Per-token losses (the divergences) return ``(mean, {"sum", "count"})`` as ``masked_mean``;
+  the others (ATKD) ``(loss, metrics)``: the mean of each term over the valid tokens, the hard
+  fraction and the mean uncertainty, as ``atkd.atkd_loss``.
   """
+  if isinstance(loss, str):
+    loss = losses.get(loss, **params)
+  elif params:
+    raise ValueError(f"parameters {sorted(params)} go into the loss object, not fused_loss")
   _check(
-    student_hidden,
-    student_head,
-    teacher_hidden,
-    teacher_head,
-    mask,
-    targets,
-    loss,
-    params,
-    chunk_size,
+    student_hidden, student_head, teacher_hidden, teacher_head, mask, targets, loss, chunk_size
   )
   temperature = dv.check_temperature(temperature)
   dv.check_vocab_size(vocab_size, student_head.shape[1])
@@ -187,55 +175,25 @@ def fused_loss(
   )
   hs, ht = flat(student_hidden), flat(teacher_hidden)
   tgt = flat(jnp.zeros(tok_shape, jnp.int32) if targets is None else targets.astype(jnp.int32))
-  lp = functools.partial(dv.log_probs, temperature=temperature, vocab_size=vocab_size)
+  at_t = {"temperature": temperature, "vocab_size": vocab_size}
 
-  if loss != "atkd":
-    div = dv.get_divergence(loss, temperature=temperature, vocab_size=vocab_size, **params)
-    w, count = dv.reduction_weights(mask, reduction)
+  u = None
+  if loss.needs_uncertainty:  # pre-pass: the teacher's uncertainty decides the weights
 
-    def terms_fn(hs_c, ws, ht_c, wt, tgt_c):
-      del tgt_c
-      return div(_logits(hs_c, ws, student_softcap), _logits(ht_c, wt, teacher_softcap))[:, None]
+    def teacher_u(_, x):
+      ht_c, tgt_c = x
+      return None, loss.uncertainty(_logits(ht_c, teacher_head, teacher_softcap), tgt_c, **at_t)
 
-    total, _ = _fused(
-      terms_fn,
-      n_chunks,
-      hs,
-      student_head,
-      ht,
-      teacher_head,
-      tgt,
-      flat(w)[:, None],
-      jnp.zeros((n + pad,), jnp.float32),
-    )
-    return total / jnp.maximum(count, 1.0), {"sum": total, "count": count}
+    _, u = jax.lax.scan(teacher_u, None, (_chunks(ht, n_chunks), _chunks(tgt, n_chunks)))
+    u = jax.lax.stop_gradient(u.reshape(-1)[:n].reshape(tok_shape))
+  ws, count, hard = loss.weights(mask, reduction, u)
 
-  p = {"easy_weight": 0.2, "hard_fraction": 0.5, "split": "batch", "base": "fkl", **params}
-  at.check_params(**p)
-  if p["split"] == "sequence" and mask.ndim != 2:
-    raise ValueError(f"split 'sequence' needs [B, T] inputs, got mask shape {tuple(mask.shape)}")
+  def terms_fn(hs_c, ws_, ht_c, wt, tgt_c):
+    s_logits = _logits(hs_c, ws_, student_softcap)
+    t_logits = _logits(ht_c, wt, teacher_softcap)
+    return jnp.stack(loss.terms(s_logits, t_logits, tgt_c, **at_t), axis=-1)
 
-  def teacher_u(_, x):  # pre-pass: the teacher's uncertainty decides the weights
-    ht_c, tgt_c = x
-    lt = lp(_logits(ht_c, teacher_head, teacher_softcap))
-    return None, -jnp.expm1(jnp.take_along_axis(lt, tgt_c[:, None], axis=-1)[:, 0])
-
-  _, u = jax.lax.scan(teacher_u, None, (_chunks(ht, n_chunks), _chunks(tgt, n_chunks)))
-  u = jax.lax.stop_gradient(u.reshape(-1)[:n].reshape(tok_shape))
-  w_tkd, w_dkd, hard = at.atkd_weights(
-    u, mask, easy_weight=p["easy_weight"], hard_fraction=p["hard_fraction"], split=p["split"]
-  )
-
-  def terms_fn(hs_c, ws, ht_c, wt, tgt_c):
-    parts = at.decompose_log_probs(
-      lp(_logits(hs_c, ws, student_softcap)),
-      lp(_logits(ht_c, wt, teacher_softcap)),
-      tgt_c,
-      p["base"],
-    )
-    return jnp.stack([parts["tkd"], parts["dkd"]], axis=-1)
-
-  weights = jnp.stack([flat(w_tkd), flat(w_dkd)], axis=-1)
+  m = mask.astype(jnp.float32)
   total, msum = _fused(
     terms_fn,
     n_chunks,
@@ -244,15 +202,15 @@ def fused_loss(
     ht,
     teacher_head,
     tgt,
-    weights,
-    flat(mask.astype(jnp.float32)),
+    jnp.stack([flat(w) for w in ws], axis=-1),
+    flat(m) if not loss.per_token else jnp.zeros((n + pad,), jnp.float32),
   )
-  m = mask.astype(jnp.float32)
+  if loss.per_token:
+    return total / jnp.maximum(count, 1.0), {"sum": total, "count": count}
   nv = jnp.maximum(jnp.sum(m), 1.0)
-  aux = {
-    "hard_fraction": jnp.sum(hard) / nv,
-    "tkd": msum[0] / nv,
-    "dkd": msum[1] / nv,
-    "uncertainty": jnp.sum(jnp.where(m > 0, u * m, 0.0)) / nv,
-  }
+  aux = {name: msum[i] / nv for i, name in enumerate(loss.term_names)}
+  if hard is not None:
+    aux["hard_fraction"] = jnp.sum(hard) / nv
+  if u is not None:
+    aux["uncertainty"] = jnp.sum(jnp.where(m > 0, u * m, 0.0)) / nv
   return total, aux

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from gkd_jax.data.metrics import extract_answer
+from gkd_jax.data.metrics import extract_answer, reference_lists, rouge_scores
 
 RewardFn = Callable[[Sequence[str], Sequence], np.ndarray]
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -29,23 +29,10 @@ BASELINES = ("mean", "none")
 _REGISTRY: dict[str, Callable] = {}
 
 
-def _reference_lists(references) -> list[list[str]]:
-  """Each reference as a non-empty list of strings."""
-  out = []
-  for i, r in enumerate(references):
-    refs = [r] if isinstance(r, str) else list(r)
-    if not refs or not all(isinstance(s, str) for s in refs):
-      raise ValueError(
-        f"references[{i}] must be a string or a non-empty list of strings, got {r!r}"
-      )
-    out.append(refs)
-  return out
-
-
 def gsm8k_correct(predictions, references) -> np.ndarray:
   """1.0 where the prediction's final number equals a reference's final answer ("#### N")."""
   out = np.zeros(len(predictions), np.float32)
-  for i, (pred, refs) in enumerate(zip(predictions, _reference_lists(references))):
+  for i, (pred, refs) in enumerate(zip(predictions, reference_lists(references, "references"))):
     wanted = {extract_answer(r) for r in refs}
     if None in wanted:
       raise ValueError(f"references[{i}] has no final number: {refs!r}")
@@ -58,31 +45,18 @@ def exact_match(predictions, references) -> np.ndarray:
   return np.array(
     [
       p.strip() in {r.strip() for r in refs}
-      for p, refs in zip(predictions, _reference_lists(references))
+      for p, refs in zip(predictions, reference_lists(references, "references"))
     ],
     np.float32,
   )
-
-
-@functools.lru_cache(maxsize=None)
-def _rouge_scorer(rouge_type: str):
-  from rouge_score import rouge_scorer
-
-  return rouge_scorer.RougeScorer([rouge_type], use_stemmer=True)
 
 
 def rouge(predictions, references, *, rouge_type: str = "rougeL") -> np.ndarray:
   """ROUGE F1 in [0, 1] (rouge-score, Porter stemming), max over references."""
   if rouge_type not in ROUGE_TYPES:
     raise ValueError(f"rouge_type={rouge_type!r}; expected one of {ROUGE_TYPES}")
-  scorer = _rouge_scorer(rouge_type)
-  return np.array(
-    [
-      scorer.score_multi(refs, p)[rouge_type].fmeasure
-      for p, refs in zip(predictions, _reference_lists(references))
-    ],
-    np.float32,
-  )
+  scores = rouge_scores(references, predictions, (rouge_type,), name="references")
+  return np.array([s[rouge_type] for s in scores], np.float32)
 
 
 def register_reward(name: str, fn: Callable) -> None:

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gkd_jax.models import base
+
 _NEG = -1e30
 
 
@@ -69,8 +71,15 @@ class SampleConfig:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
 
 
-def is_encoder_decoder(model) -> bool:
-  return hasattr(model, "decode_with_cache")
+def split(model):
+  """-> (graphdef, params, module) of a model given as an ``nnx.Module`` or as a
+  ``(graphdef, params)`` pair (a trainer's parameters, the only copy: the module is merged
+  from them for host-side checks, and never kept)."""
+  if isinstance(model, tuple):
+    graphdef, params = model
+    return graphdef, params, nnx.merge(graphdef, params)
+  graphdef, params = nnx.split(model)
+  return graphdef, params, model
 
 
 def filter_logits(logits_BxV, top_k: int = 0, top_p: float = 1.0):
@@ -172,7 +181,7 @@ def with_dot_dtype(graphdef, state, dot_dtype):
 def _sample(graphdef, state, prompt_BxP, lengths_B, rng, cfg: SampleConfig):
   model = with_dot_dtype(graphdef, state, cfg.dot_dtype)
   b, p = prompt_BxP.shape
-  if is_encoder_decoder(model):
+  if base.is_encoder_decoder(model):
     enc_mask = jnp.arange(p)[None, :] < lengths_B[:, None]
     enc = model.encode(prompt_BxP, enc_mask)
     cache = model.init_cache(b, cfg.max_new_tokens)
@@ -195,11 +204,6 @@ def _sample(graphdef, state, prompt_BxP, lengths_B, rng, cfg: SampleConfig):
   return _decode_loop(step, logits[:, -1], cache, rng, cfg)
 
 
-def _context_len(model) -> int:
-  cfg = model.cfg
-  return cfg.max_decode_len if is_encoder_decoder(model) else cfg.max_seq_len
-
-
 def check_prompts(model, prompt_tokens, prompt_lengths, max_new_tokens):
   """Shape and length checks on the host, before anything compiles."""
   if prompt_tokens.ndim != 2:
@@ -213,11 +217,11 @@ def check_prompts(model, prompt_tokens, prompt_lengths, max_new_tokens):
       raise ValueError(
         f"prompt_lengths must be in [1, P={p}], got min {lens.min()} max {lens.max()}"
       )
-  need = max_new_tokens if is_encoder_decoder(model) else p + max_new_tokens
-  if need > _context_len(model):
-    what = "max_new_tokens" if is_encoder_decoder(model) else "prompt length + max_new_tokens"
+  need = max_new_tokens if base.is_encoder_decoder(model) else p + max_new_tokens
+  if need > base.context_len(model):
+    what = "max_new_tokens" if base.is_encoder_decoder(model) else "prompt length + max_new_tokens"
     raise ValueError(
-      f"{what} = {need} exceeds the model's context of {_context_len(model)} "
+      f"{what} = {need} exceeds the model's context of {base.context_len(model)} "
       "tokens (cfg.max_seq_len / cfg.max_decode_len)"
     )
 
@@ -239,8 +243,8 @@ def sample(
   """Samples ``max_new_tokens`` continuations for a batch of right-padded prompts.
 
   Args:
-    model: a decoder-only (``forward_with_cache``) or encoder-decoder
-      (``decode_with_cache``) model from ``gkd_jax.models``.
+    model: a ``gkd_jax.models`` model (``base.DecoderLM`` or ``base.EncoderDecoderLM``),
+      as an ``nnx.Module`` or a ``(graphdef, params)`` pair.
     prompt_tokens: ``[B, P]`` int, right-padded; prompt_lengths ``[B]`` int in [1, P].
     rng: a PRNG key; step i uses ``fold_in(rng, i)``.
     temperature: 0 = greedy; top_k 0 = off; top_p 1 = off.
@@ -263,6 +267,7 @@ def sample(
     int(pad_id),
     dot_dtype,
   )
+  graphdef, state, model = split(model)
   if dot_dtype is not None and not hasattr(model.cfg, "dot_dtype"):
     raise ValueError(
       f"dot_dtype={dot_dtype!r}: {type(model).__name__} has no dot_dtype policy; use dot_dtype=None"
@@ -275,7 +280,6 @@ def sample(
     prompt_lengths if isinstance(prompt_lengths, jax.core.Tracer) else np.asarray(prompt_lengths),
     max_new_tokens,
   )
-  graphdef, state = nnx.split(model)
   return _sample(graphdef, state, prompt_tokens, prompt_lengths_arr, rng, cfg)
 
 
@@ -320,7 +324,7 @@ def _beam(graphdef, state, prompt_BxP, lengths_B, cfg: BeamConfig):
   b, p = prompt_BxP.shape
   k, n = cfg.beam_size, cfg.max_new_tokens
   rep = lambda x: jnp.repeat(x, k, axis=0)
-  if is_encoder_decoder(model):
+  if base.is_encoder_decoder(model):
     enc_mask = rep(jnp.arange(p)[None, :] < lengths_B[:, None])
     enc = model.encode(rep(prompt_BxP), enc_mask)
     cache = model.init_cache(b * k, n + 1)
@@ -396,11 +400,11 @@ def beam_search(
     int(pad_id),
   )
   prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
+  graphdef, state, model = split(model)
   check_prompts(
     model,
     prompt_tokens,
     np.asarray(prompt_lengths),
-    max_new_tokens + (1 if is_encoder_decoder(model) else 0),
+    max_new_tokens + (1 if base.is_encoder_decoder(model) else 0),
   )
-  graphdef, state = nnx.split(model)
   return _beam(graphdef, state, prompt_tokens, jnp.asarray(prompt_lengths, jnp.int32), cfg)

@@ -129,22 +129,64 @@ def shard_model(model, mesh: Mesh, rules=None):
   return model
 
 
-def create_sharded(make_model, mesh: Mesh, rules=None):
-  """Builds `make_model()` with each parameter created directly in its sharding."""
-  abstract = nnx.eval_shape(make_model)
-  graphdef, abs_state = nnx.split(abstract)
-  shardings = state_shardings(abs_state, mesh, rules)
+# ----------------------------------------------------------------------- data placement
+def shard_batch(batch, mesh: Mesh, rules=None, global_data=False):
+  """Global arrays with the leading axis on the "batch" mesh axes (the rest replicated).
 
-  state = jax.jit(lambda: nnx.state(make_model()), out_shardings=shardings)()
-  return nnx.merge(graphdef, state)
-
-
-def shard_batch(batch, mesh: Mesh, rules=None):
-  """device_put each array with its leading axis on the "batch" mesh axes (rest replicated)."""
+  With one process, numpy or jax arrays are simply put there. With several, a numpy array
+  holds this process's rows of the global batch, or (global_data=True) the whole global
+  batch, the same on every process; a jax.Array is already global and is only resharded.
+  """
+  multi = jax.process_count() > 1
 
   def put(x):
-    x = np.asarray(x) if not isinstance(x, jax.Array) else x
-    names = ("batch",) + (None,) * (x.ndim - 1) if x.ndim else ()
-    return jax.device_put(x, logical_to_sharding(names, mesh, rules, x.shape))
+    if isinstance(x, jax.Array) or not multi:
+      x = x if isinstance(x, jax.Array) else np.asarray(x)
+      names = ("batch",) + (None,) * (x.ndim - 1) if x.ndim else ()
+      return jax.device_put(x, logical_to_sharding(names, mesh, rules, x.shape))
+    x = np.asarray(x)
+    shape = x.shape if global_data else (x.shape[0] * jax.process_count(),) + x.shape[1:]
+    spec = logical_to_sharding(("batch",) + (None,) * (x.ndim - 1), mesh, rules, shape)
+    return jax.make_array_from_process_local_data(spec, x, shape)
 
   return jax.tree.map(put, batch)
+
+
+def replicate(tree, mesh: Mesh):
+  """Global arrays held whole by every process (host-side code can read them), from numpy
+  arrays that are the same on every process or from global jax.Arrays."""
+  rep = NamedSharding(mesh, PartitionSpec())
+
+  def put(x):
+    if isinstance(x, jax.Array):
+      return jax.device_put(x, rep)
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(rep, x, x.shape)
+
+  return jax.tree.map(put, tree)
+
+
+def shard_eval_batch(batch, mesh: Mesh, rules=None):
+  """Eval prompts, the same on every process: sharded on one process, replicated on several
+  (so that the decoder can read its outputs on the host)."""
+  if jax.process_count() > 1:
+    return replicate(batch, mesh)
+  return shard_batch(batch, mesh, rules, global_data=True)
+
+
+def on_mesh(tree, mesh: Mesh):
+  """Leaves not laid out on the mesh (e.g. optimizer step counts) become replicated on it."""
+  rep = NamedSharding(mesh, PartitionSpec())
+  fix = lambda x: (
+    x if isinstance(getattr(x, "sharding", None), NamedSharding) else jax.device_put(x, rep)
+  )
+  return jax.tree.map(fix, tree)
+
+
+def to_host(x) -> np.ndarray:
+  """A global array as one numpy array on this host (gathered across processes)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)

@@ -10,8 +10,8 @@ through the LM head, so a long prompt costs no [B, L, V] logits.
     decoder_mask -> the logit at t predicts decoder target t
 Every loss returns (sum, count); the trainer divides by the count of the whole
 (global, all micro-batches) batch, so gradient accumulation and data parallelism
-give exactly the full-batch gradient. ATKD's loss is not a sum over tokens: its
-count is the number of micro-batches (exact without accumulation).
+give exactly the full-batch gradient. A loss that is not a sum over tokens (ATKD,
+``per_token`` False) counts the micro-batches (exact without accumulation).
 """
 
 from __future__ import annotations
@@ -23,28 +23,24 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from gkd_jax import atkd as at
 from gkd_jax import divergences as dv
+from gkd_jax import losses
 from gkd_jax.fused import fused_loss
+from gkd_jax.models import base
 
 
 @dataclasses.dataclass(frozen=True)
 class LossSpec:
-  """Static description of the step's loss (hashable: a jit static argument)."""
+  """Static description of the step's loss (hashable: a jit static argument): the loss object
+  (``gkd_jax.losses``) and how it is applied (reduction, extra terms, chunking)."""
 
   mode: str = "gkd"  # gkd | sft
-  loss: str = "jsd"
-  beta: float = 0.5
-  alpha: float = 0.1
+  loss: losses.Loss = dataclasses.field(default_factory=losses.JSD)
   temperature: float = 1.0
   reduction: str = "token"
   ce_weight: float = 0.0
   fused: bool = False
   chunk_size: int = 1024
-  easy_weight: float = 0.2
-  hard_fraction: float = 0.5
-  atkd_split: str = "batch"
-  atkd_base: str = "fkl"
   rl_alpha: float = 1.0  # 1 = no policy gradient
   token_rkl_reward: bool = False
   top_layers: int = 0  # > 0: only the top n decoder layers and the final norm are trained
@@ -53,36 +49,16 @@ class LossSpec:
   def from_config(cls, c):
     return cls(
       mode=c.mode,
-      loss=c.gkd.loss,
-      beta=float(c.gkd.beta),
-      alpha=float(c.gkd.alpha),
+      loss=losses.from_config(c.gkd),
       temperature=float(c.gkd.loss_temperature),
       reduction=c.gkd.reduction,
       ce_weight=float(c.gkd.ce_weight),
       fused=bool(c.gkd.fused),
       chunk_size=int(c.gkd.chunk_size),
-      easy_weight=float(c.gkd.easy_weight),
-      hard_fraction=float(c.gkd.hard_fraction),
-      atkd_split=c.gkd.atkd_split,
-      atkd_base=c.gkd.atkd_base,
       rl_alpha=float(c.rl.alpha),
       token_rkl_reward=c.rl.reward == "token_rkl",
       top_layers=int(c.train.top_layers),
     )
-
-  def divergence_params(self):
-    if self.loss == "jsd":
-      return {"beta": self.beta}
-    if self.loss in ("skl", "srkl"):
-      return {"alpha": self.alpha}
-    if self.loss == "atkd":
-      return {
-        "easy_weight": self.easy_weight,
-        "hard_fraction": self.hard_fraction,
-        "split": self.atkd_split,
-        "base": self.atkd_base,
-      }
-    return {}
 
 
 # ------------------------------------------------------------------------------ views
@@ -156,13 +132,9 @@ def samples_view(prompt_BxP, prompt_len_B, gen_BxN, gen_mask_BxN, encoder_decode
 
 
 # ---------------------------------------------------------------------------- forwards
-def is_encoder_decoder(model) -> bool:
-  return hasattr(model, "decode_with_cache")
-
-
 def hidden_and_head(model, view):
   """-> (h_BxKxD, W_DxV, softcap) at the view's trained positions."""
-  if is_encoder_decoder(model):
+  if base.is_encoder_decoder(model):
     enc = model.encode(view["encoder_tokens"], view["encoder_mask"])
     h = model.decoder_hidden_states(
       enc, view["encoder_mask"], view["decoder_tokens"], view["decoder_mask"]
@@ -170,7 +142,7 @@ def hidden_and_head(model, view):
   else:
     h = model.hidden_states(view["tokens"], mask_BxT=view["mask"])
     h = jnp.take_along_axis(h, view["loss_positions"][..., None], axis=1)
-  return h, model.head(), getattr(model.cfg, "final_logit_softcap", None)
+  return h, model.head(), model.logit_softcap()
 
 
 def logits(h_BxTxD, w_DxV, cap):
@@ -183,7 +155,7 @@ def logits(h_BxTxD, w_DxV, cap):
 def count(view, spec: LossSpec, what: str):
   """The normalizer of a loss term for this view (depends on masks only)."""
   m = view["loss_mask"]
-  if what == "div" and spec.loss == "atkd":
+  if what == "div" and not spec.loss.per_token:
     return jnp.float32(1.0)
   if what in ("div", "ce") and spec.reduction == "sequence":
     return jnp.sum(jnp.any(m > 0, axis=-1)).astype(jnp.float32)
@@ -193,13 +165,10 @@ def count(view, spec: LossSpec, what: str):
 
 
 # ------------------------------------------------------------------------------ losses
-def divergence_sum(student, s, t, view, spec: LossSpec):
-  """Sum of the configured divergence (or the ATKD loss) over the view's trained tokens.
-
-  s, t: (h, W, cap) of student and teacher. Returns (sum, aux metrics).
-  """
+def divergence_sum(s, t, view, spec: LossSpec):
+  """Sum of the configured loss over the view's trained tokens (a per-token divergence), or
+  the loss itself (ATKD). s, t: (h, W, cap) of student and teacher. -> (sum, aux metrics)."""
   m, tgt = view["loss_mask"], view["targets"]
-  params = spec.divergence_params()
   if spec.fused:
     loss, aux = fused_loss(
       s[0],
@@ -214,16 +183,18 @@ def divergence_sum(student, s, t, view, spec: LossSpec):
       student_softcap=s[2],
       teacher_softcap=t[2],
       chunk_size=spec.chunk_size,
-      **params,
     )
-    return (loss, aux) if spec.loss == "atkd" else (aux["sum"], {})
-  s_logits, t_logits = logits(*s), logits(*t)
-  if spec.loss == "atkd":
-    return at.atkd_loss(s_logits, t_logits, tgt, m, temperature=spec.temperature, **params)
-  per_token = dv.get_divergence(spec.loss, temperature=spec.temperature, **params)(
-    s_logits, t_logits
+    return (aux["sum"], {}) if spec.loss.per_token else (loss, aux)
+  total, _, aux = losses.loss_sum(
+    spec.loss,
+    logits(*s),
+    logits(*t),
+    tgt,
+    m,
+    temperature=spec.temperature,
+    reduction=spec.reduction,
   )
-  return dv.masked_mean(per_token, m, spec.reduction)[1][0], {}
+  return total, aux
 
 
 def target_logprobs(h_w_cap, view):
@@ -325,7 +296,7 @@ def train_step(
   use_pg = spec.mode == "gkd" and spec.rl_alpha < 1
   use_ce = spec.mode == "sft" or spec.ce_weight > 0
   w_div = spec.rl_alpha if use_pg else 1.0
-  n_div = count(view, spec, "div") * (k if spec.loss == "atkd" else 1)
+  n_div = count(view, spec, "div") * (1 if spec.loss.per_token else k)
   n_pg = count(view, spec, "pg")
   n_ce = count(ce_view, spec, "ce")
 
@@ -339,7 +310,7 @@ def train_step(
       teacher = nnx.merge(teacher_graphdef, teacher_params)
       t = jax.tree.map(jax.lax.stop_gradient, hidden_and_head(teacher, mv))
     if use_div:
-      d_sum, aux = divergence_sum(student, s, t, mv, spec)
+      d_sum, aux = divergence_sum(s, t, mv, spec)
       total += w_div * d_sum / n_div
       terms["divergence"] = d_sum
       terms.update({f"atkd/{a}": v for a, v in aux.items()})

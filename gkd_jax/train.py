@@ -1,7 +1,9 @@
-"""The distillation trainer: GKD (on/off/mixed policy), ATKD, RL+GKD and SFT.
+"""The distillation loop: GKD (on/off/mixed policy), ATKD, RL+GKD and SFT.
 
-Data flows one way each step: dataset batch -> (student or teacher) samples ->
-teacher/student forward -> loss -> optax update -> metrics / checkpoint.
+Data flows one way each step, the ``TrainState`` threaded through: dataset batch
+(``data``) -> ``rollout.Rollout`` (the source, student or teacher samples, rewards) ->
+``steps.train_step`` (teacher/student forward, loss, optax update) -> metrics / checkpoint.
+This module owns the loop, its set-up and pre-flight checks, checkpoints, resume and signals.
 
 Determinism: the step's data source (on-policy with probability ``gkd.lmbda``) and
 its sampling key are functions of (seed, step), and the data stream is a function
@@ -21,16 +23,16 @@ import shutil
 import signal
 import socket
 import time
+from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from gkd_jax import config as config_lib
-from gkd_jax import evaluation, files, models, sampling, sharding, steps
+from gkd_jax import evaluation, files, models, rollout, sharding, steps
+from gkd_jax.models import base as models_base
 
 log = logging.getLogger("gkd_jax")
 
@@ -140,29 +142,33 @@ def make_mesh(c):
 
 
 def build_student(c, teacher):
+  """The student of config ``c.student``: loaded, cut from the teacher's layers, or fresh; its
+  family (gkd_jax.models.base) says which inits it supports and how it is rebuilt."""
   s = c.student
+  fam = models_base.family_of(teacher.cfg)
+  if s.init not in fam.student_inits:
+    raise ValueError(
+      f"config.student.init must be one of {fam.student_inits} for {fam.name} teachers "
+      f"(got {s.init!r})"
+    )
   if s.init == "path":
     student, _ = models.load(s.path, dtype=s.dtype, param_dtype=s.param_dtype)
-  elif steps.is_encoder_decoder(teacher):
-    raise ValueError(
-      f"config.student.init must be 'path' for encoder-decoder teachers (got {s.init!r})"
-    )
+  elif s.init == "prune":
+    student = fam.converter().prune_layers(teacher, list(s.keep_layers))
   else:
-    from gkd_jax.models import convert_llama
-
-    if s.init == "prune":
-      student = convert_llama.prune_layers(teacher, list(s.keep_layers))
-    else:
-      cfg = convert_llama.smaller_config(teacher.cfg, **dict(s.overrides))
-      from gkd_jax.models.llama import Llama
-
-      student = Llama(cfg, rngs=nnx.Rngs(c.seed))
-  if hasattr(student.cfg, "remat") and not steps.is_encoder_decoder(student):
-    cfg = dataclasses.replace(student.cfg, dtype=s.dtype, param_dtype=s.param_dtype, remat=s.remat)
+    conv = fam.converter()
+    student = conv.fresh_model(conv.smaller_config(teacher.cfg, **dict(s.overrides)), c.seed)
+  sfam = models_base.family_of(student.cfg)
+  if sfam.builds_students:  # dtypes and remat from the config
+    cfg = dataclasses.replace(
+      student.cfg,
+      dtype=s.dtype,
+      param_dtype=s.param_dtype,
+      remat=s.remat,
+      scan_layers=s.scan_layers,
+    )
     if cfg != student.cfg:
-      from gkd_jax.models import convert_llama
-
-      student = convert_llama.model_from_flat(cfg, convert_llama.flat_params(student))
+      student = sfam.converter().with_config(student, cfg)
   return student
 
 
@@ -173,86 +179,41 @@ def check_pair(teacher, student, tokenizer, sample_dot_dtype=""):
       f"teacher and student vocabularies differ ({tv} vs {sv}): token-level "
       "distillation needs a shared vocabulary"
     )
-  if steps.is_encoder_decoder(teacher) != steps.is_encoder_decoder(student):
+  if models_base.is_encoder_decoder(teacher) != models_base.is_encoder_decoder(student):
     raise ValueError("teacher and student must both be decoder-only or both encoder-decoder")
   if tokenizer is not None and tokenizer.vocab_size > tv:
     raise ValueError(
       f"the tokenizer has {tokenizer.vocab_size} tokens but the models only {tv} logits"
     )
-  if sample_dot_dtype and steps.is_encoder_decoder(student):
+  if sample_dot_dtype and models_base.is_encoder_decoder(student):
     raise ValueError(
       f"gkd.sample_dot_dtype={sample_dot_dtype!r} is for decoder-only models; "
       "set it to '' for encoder-decoder (T5) runs"
     )
 
 
-def step_source(seed: int, step: int, lmbda: float, seq_kd: bool) -> str:
-  """ "on_policy" with probability lmbda, else "teacher" (SeqKD) or "dataset"; same on every host."""
-  if np.random.default_rng([seed, step, 0x6B64]).random() < lmbda:
-    return "on_policy"
-  return "teacher" if seq_kd else "dataset"
+class TrainState(NamedTuple):
+  """What the loop threads from step to step: the student's parameters (the only copy: the
+  sampler and the evaluator take them as (graphdef, params)), the optimizer state, the number
+  of steps done, and the run's key (step i samples with fold_in(rng, i))."""
 
-
-def to_host(x):
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)
-
-
-class Batches:
-  """Places host-local numpy batches on the mesh as global arrays (batch axis sharded).
-
-  With several processes, a numpy array holds this process's rows of the global batch,
-  or (global_data=True) the whole global batch, the same on every process; a jax.Array
-  is already global and is only resharded.
-  """
-
-  def __init__(self, mesh, rules):
-    self.mesh, self.rules = mesh, rules
-
-  def __call__(self, batch, global_data=False):
-    if jax.process_count() == 1:
-      return sharding.shard_batch(batch, self.mesh, self.rules)
-
-    def put(x):
-      if isinstance(x, jax.Array):
-        shape = x.shape
-      else:
-        x = np.asarray(x)
-        shape = x.shape if global_data else (x.shape[0] * jax.process_count(),) + x.shape[1:]
-      spec = sharding.logical_to_sharding(
-        ("batch",) + (None,) * (x.ndim - 1), self.mesh, self.rules, shape
-      )
-      if isinstance(x, jax.Array):
-        return jax.device_put(x, spec)
-      return jax.make_array_from_process_local_data(spec, x, shape)
-
-    return jax.tree.map(put, batch)
-
-  def replicated(self, batch):
-    """Global arrays held whole by every process (host-side code can read them), from
-    numpy arrays that are the same on every process or from global jax.Arrays."""
-    rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-
-    def put(x):
-      if isinstance(x, jax.Array):
-        return jax.device_put(x, rep)
-      x = np.asarray(x)
-      return jax.make_array_from_process_local_data(rep, x, x.shape)
-
-    return jax.tree.map(put, batch)
+  params: Any
+  opt_state: Any
+  step: int
+  rng: jax.Array
 
 
 # ------------------------------------------------------------------------ the loop
 @dataclasses.dataclass
 class Trainer:
+  """A run's parts: mesh, models (as graphdefs + parameters), the jitted step, the rollout,
+  the evaluator and the checkpoint manager. ``setup()`` builds them and the initial state."""
+
   config: object
   workdir: str
   teacher_path: str = ""  # "" = config.teacher.path (the teacher-SFT stage sets its export)
 
-  def setup(self):
+  def setup(self) -> TrainState:
     c = self.config
     self.is_main = jax.process_index() == 0
     self.mesh = make_mesh(c)
@@ -267,25 +228,22 @@ class Trainer:
         shards,
       )
     self.rules = sharding.make_rules(c.mesh.rules)
-    self.place = Batches(self.mesh, self.rules)
-    self.teacher, self.tokenizer = models.load(
+    teacher, self.tokenizer = models.load(
       self.teacher_path or c.teacher.path, dtype=c.teacher.dtype, param_dtype=c.teacher.param_dtype
     )
     if self.tokenizer is None:
       raise ValueError(f"teacher {c.teacher.path!r} has no tokenizer files; the trainer needs one")
-    self.student = build_student(c, self.teacher)
-    check_pair(self.teacher, self.student, self.tokenizer, c.gkd.sample_dot_dtype)
-    self.encdec = steps.is_encoder_decoder(self.student)
+    student = build_student(c, teacher)
+    check_pair(teacher, student, self.tokenizer, c.gkd.sample_dot_dtype)
+    self.encdec = models_base.is_encoder_decoder(student)
     teacher_rules = sharding.make_rules(list(c.mesh.rules) + list(c.teacher.rules))
-    sharding.shard_model(self.teacher, self.mesh, teacher_rules)
-    sharding.shard_model(self.student, self.mesh, self.rules)
-    self.eos = [self.tokenizer.eos_id]
-    self.pad = self.tokenizer.pad_id
+    sharding.shard_model(teacher, self.mesh, teacher_rules)
+    sharding.shard_model(student, self.mesh, self.rules)
     self.spec = steps.LossSpec.from_config(c)
     self.optimizer = steps.make_optimizer(c)
-    self.graphdef, self.params = nnx.split(self.student)
-    self.t_graphdef, self.t_params = nnx.split(self.teacher)
-    self.opt_state = self.on_mesh(jax.jit(self.optimizer.init)(self.params))
+    self.graphdef, params = nnx.split(student)
+    self.teacher = nnx.split(teacher)  # (graphdef, params)
+    opt_state = sharding.on_mesh(jax.jit(self.optimizer.init)(params), self.mesh)
     self._step_fn = jax.jit(
       steps.train_step,
       static_argnames=("graphdef", "teacher_graphdef", "spec", "optimizer", "grad_accum"),
@@ -298,36 +256,25 @@ class Trainer:
       ),
     )
     self.saved_step = None  # the newest step on disk (restored or saved by this process)
-    self.reward_fn = None
+    reward_fn = None
     if self.spec.rl_alpha < 1 and not self.spec.token_rkl_reward:
       from gkd_jax import rewards
 
-      self.reward_fn = rewards.get_reward(c.rl.reward)
-
-  def on_mesh(self, tree):
-    """Leaves not laid out on the mesh (e.g. optimizer step counts) become replicated on it."""
-    rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    fix = lambda x: (
-      x
-      if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)
-      else jax.device_put(x, rep)
+      reward_fn = rewards.get_reward(c.rl.reward)
+    self.rollout = rollout.Rollout(c, self.mesh, self.rules, self.tokenizer, self.encdec, reward_fn)
+    self.evaluator = evaluation.Evaluator(
+      c, self.mesh, self.rules, self.tokenizer, self.encdec, self.teacher
     )
-    return jax.tree.map(fix, tree)
+    return TrainState(params, opt_state, 0, jax.random.PRNGKey(c.seed))
+
+  def student(self, state):
+    """The student as a (graphdef, params) pair."""
+    return self.graphdef, state.params
 
   # -- data ---------------------------------------------------------------------------
-  def data_kwargs(self, split):
-    c = self.config.data
-    return dict(
-      tokenizer=self.tokenizer,
-      model_kind="encdec" if self.encdec else "decoder",
-      prompt_format=c.prompt_format,
-      source=c.source or None,
-      data_dir=c.data_dir or None,
-      paths=dict(c.paths) or None,
-      max_prompt_len=c.max_prompt_len,
-      max_target_len=c.max_target_len,
-      overlong=c.overlong,
-    )
+  def place(self, batch):
+    """A host-local dataset batch as global arrays on the mesh."""
+    return sharding.shard_batch(batch, self.mesh, self.rules)
 
   def train_batches(self, start_step):
     from gkd_jax import data
@@ -342,13 +289,14 @@ class Trainer:
       shard_index=jax.process_index(),
       num_shards=jax.process_count(),
       start_step=start_step,
-      **self.data_kwargs(c.data.train_split),
+      **data.config_kwargs(c.data, self.tokenizer, self.encdec),
     )
 
   # -- checkpoints --------------------------------------------------------------------
-  def save(self, step, wait=False):
-    """Saves step (asynchronously unless wait); a step already on disk is not written again.
-    A failed write (this one's or an earlier asynchronous one's) raises CheckpointError."""
+  def save(self, state, wait=False):
+    """Saves ``state`` at its step (asynchronously unless wait); a step already on disk is not
+    written again. A failed write (this one's or an earlier one's) raises CheckpointError."""
+    step = state.step
     try:  # an earlier asynchronous save's failure is reported with its own step
       self.ckpt.wait_until_finished()
       self.ckpt.check_for_errors()
@@ -356,11 +304,11 @@ class Trainer:
       raise checkpoint_error(e, self.ckpt.directory, self.saved_step) from e
     try:
       if step != self.saved_step:
-        state = {"params": self.params, "opt_state": self.opt_state}
+        tree = {"params": state.params, "opt_state": state.opt_state}
         self.ckpt.save(
           step,
           args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"step": step})
+            state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave({"step": step})
           ),
           force=True,
         )
@@ -378,12 +326,13 @@ class Trainer:
     except Exception as e:
       raise checkpoint_error(e, self.ckpt.directory, self.saved_step) from e
 
-  def restore(self) -> int:
-    """Restores the newest intact checkpoint -> its step (0: none). A step that cannot be read
-    is moved to workdir/ckpt_broken/ (never deleted) with a warning, and the one before is tried."""
+  def restore(self, state) -> TrainState:
+    """``state`` from the newest intact checkpoint (unchanged when there is none). A step that
+    cannot be read is moved to workdir/ckpt_broken/ (never deleted) with a warning, and the
+    one before is tried."""
     abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-      {"params": self.params, "opt_state": self.opt_state},
+      {"params": state.params, "opt_state": state.opt_state},
     )
     for step in sorted(self.ckpt.all_steps(), reverse=True):
       try:
@@ -405,11 +354,12 @@ class Trainer:
           where,
         )
         continue
-      self.params, self.opt_state = r.state["params"], r.state["opt_state"]
       self.saved_step = step
       log.info("resumed from %s at step %d", self.ckpt.directory, step)
-      return int(r.meta["step"])
-    return 0
+      return state._replace(
+        params=r.state["params"], opt_state=r.state["opt_state"], step=int(r.meta["step"])
+      )
+    return state
 
   def set_aside(self, step) -> str:
     """Moves checkpoint step out of the manager's directory (so that it can be written again)."""
@@ -426,154 +376,31 @@ class Trainer:
     return dst
 
   # -- one step -----------------------------------------------------------------------
-  def make_views(self, batch, step, sft=False):
-    """-> (view, ce_view or None (= the view's sequences), advantages, source)."""
-    c, g = self.config, self.config.gkd
-    data_view = steps.batch_view(batch, self.encdec, self.pad)
-    if c.mode == "sft" or sft:
-      return data_view, None, jnp.zeros(c.data.batch_size), "sft"
-    source = step_source(c.seed, step, g.lmbda, g.seq_kd)
-    if source == "dataset":  # ce_view None: the CE term reuses the view's forward
-      return data_view, None, jnp.zeros(c.data.batch_size), source
-    prompts, lengths = batch["prompt_tokens"], batch["prompt_lengths"]
-    spp = c.rl.samples_per_prompt
-    if spp > 1:
-      n = prompts.shape[0] // spp
-      prompts = self.place({"p": jnp.repeat(prompts[:n], spp, axis=0)})["p"]
-      lengths = self.place({"l": jnp.repeat(lengths[:n], spp, axis=0)})["l"]
-    if jax.process_count() > 1:  # sampling.sample checks the lengths on the host
-      lengths = self.place.replicated(lengths)
-    model = self.student if source == "on_policy" else self.teacher
-    if source == "on_policy":
-      nnx.update(self.student, self.params)
-    out = sampling.sample(
-      model,
-      prompts,
-      lengths,
-      rng=jax.random.fold_in(self.key, step),
-      max_new_tokens=g.max_new_tokens,
-      temperature=g.sample_temperature,
-      top_k=g.top_k,
-      top_p=g.top_p,
-      eos_ids=self.eos,
-      pad_id=self.pad,
-      dot_dtype=g.sample_dot_dtype or None,
-    )
-    view = steps.samples_view(prompts, lengths, out.tokens, out.mask, self.encdec, self.pad)
-    adv = jnp.zeros(prompts.shape[0])
-    if self.reward_fn is not None:
-      adv = self.advantages(out, batch, spp)
-    return view, data_view, adv, source
-
-  def advantages(self, out, batch, spp):
-    from gkd_jax import rewards
-
-    toks, lens = to_host(out.tokens), to_host(out.lengths)
-    preds = [self.tokenizer.decode(t[:n].tolist()) for t, n in zip(toks, lens)]
-    ref_t = to_host(batch["decoder_targets"] if self.encdec else batch["target_tokens"])
-    ref_n = to_host(batch["target_lengths"])
-    refs = [self.tokenizer.decode(t[:n].tolist()) for t, n in zip(ref_t, ref_n)]
-    if spp > 1:
-      refs = [r for r in refs[: len(refs) // spp] for _ in range(spp)]
-    r = self.reward_fn(preds, refs)
-    self._last_reward = float(np.mean(r))
-    adv = rewards.baseline_advantages(r, group_size=spp, baseline=self.config.rl.baseline)
-    return self.place({"a": np.asarray(adv, np.float32)}, global_data=True)["a"]
-
-  def train_step(self, batch, step):
-    warm = step < self.config.train.sft_warmup_steps
-    view, ce_view, adv, source = self.make_views(batch, step, warm)
+  def train_step(self, state, batch):
+    """One update on a placed dataset batch -> (new state, metrics, the rollout)."""
+    warm = state.step < self.config.train.sft_warmup_steps
+    r = self.rollout(batch, state.step, self.student(state), self.teacher, state.rng, warm)
     spec = dataclasses.replace(self.spec, mode="sft") if warm else self.spec
-    self.params, self.opt_state, metrics = self._step_fn(
+    params, opt_state, metrics = self._step_fn(
       self.graphdef,
-      self.params,
-      self.opt_state,
-      self.t_graphdef,
-      self.t_params,
-      view,
-      ce_view,
-      adv,
+      state.params,
+      state.opt_state,
+      *self.teacher,
+      r.view,
+      r.ce_view,
+      r.advantages,
       spec=spec,
       optimizer=self.optimizer,
       grad_accum=self.config.optim.grad_accum,
     )
-    return metrics, source
+    return state._replace(params=params, opt_state=opt_state, step=state.step + 1), metrics, r
 
   # -- evaluation -----------------------------------------------------------------------
-  def eval_data(self):
-    from gkd_jax import data
-
-    c = self.config
-    if not hasattr(self, "_eval"):
-      ex = data.get_eval_examples(
-        c.data.task,
-        c.data.eval_split,
-        max_examples=c.eval.num_examples,
-        **self.data_kwargs(c.data.eval_split),
-      )
-      batches = data.get_dataset(
-        c.data.task,
-        c.data.eval_split,
-        batch_size=c.eval.batch_size,
-        shuffle=False,
-        num_epochs=1,
-        shard_index=0,
-        num_shards=1,
-        max_examples=c.eval.num_examples,
-        **self.data_kwargs(c.data.eval_split),
-      )
-      views = [
-        steps.batch_view(self.place(b, global_data=True), self.encdec, self.pad) for b in batches
-      ]
-      self._eval = (ex, views)
-    return self._eval
-
-  def eval_place(self, batch):
-    """Eval prompts are the same on every process. With several processes they are
-    replicated, so that the decoder can read its outputs on the host."""
-    if jax.process_count() > 1:
-      return self.place.replicated(batch)
-    return self.place(batch, global_data=True)
-
-  def evaluate(self, model, name):
-    from gkd_jax import data
-
-    c = self.config
-    ex, views = self.eval_data()
-    t0 = time.time()
-    preds_ids = evaluation.decode(
-      model,
-      [e["prompt_tokens"] for e in ex],
-      batch_size=c.eval.batch_size,
-      max_new_tokens=c.eval.max_new_tokens,
-      eos_ids=self.eos,
-      pad_id=self.pad,
-      temperature=c.eval.temperature,
-      beam_size=c.eval.beam_size,
-      place=self.eval_place,
-    )
-    preds = [self.tokenizer.decode(p) for p in preds_ids]
-    refs = [e["references"] for e in ex]
-    metrics = data.evaluate(c.data.task, refs, preds)
-    if model is not self.teacher and c.eval.teacher_kl:
-      if not hasattr(self, "_eval_teacher_hidden"):
-        self._eval_teacher_hidden = evaluation.teacher_hidden(self.teacher, views)
-      metrics["teacher_kl"] = evaluation.token_kl(
-        model, self.teacher, views, self._eval_teacher_hidden
-      )
-    metrics["decode_s"] = time.time() - t0
-    samples = [
-      {"prompt": e["prompt_text"], "reference": e["reference"], name: p}
-      for e, p in zip(ex[: c.eval.num_samples_logged], preds)
-    ]
-    return metrics, samples
-
-  def eval_student(self, step, logger):
-    nnx.update(self.student, self.params)
-    metrics, samples = self.evaluate(self.student, "student")
-    logger.write(step, metrics, prefix="eval")
+  def eval_student(self, state, logger):
+    metrics, samples = self.evaluator(self.student(state), "student")
+    logger.write(state.step, metrics, prefix="eval")
     if self.is_main:
-      with open(os.path.join(self.workdir, f"samples_step{step}.jsonl"), "w") as f:
+      with open(os.path.join(self.workdir, f"samples_step{state.step}.jsonl"), "w") as f:
         for s in samples:
           f.write(json.dumps(s) + "\n")
     return metrics, samples
@@ -592,7 +419,7 @@ def teacher_sft_config(c) -> ml_collections.ConfigDict:
   s = ml_collections.ConfigDict(c.to_dict())
   s.gkd, s.rl = d.gkd, d.rl
   s.student.keep_layers, s.student.overrides = d.student.keep_layers, d.student.overrides
-  s.student.remat = d.student.remat
+  s.student.remat, s.student.scan_layers = d.student.remat, d.student.scan_layers
   s.seed = c.teacher.sft.seed
   s.mode = "sft"
   s.student.init, s.student.path = "path", c.teacher.path
@@ -616,7 +443,7 @@ def prepare_teacher(c, workdir) -> tuple[str, dict]:
   want = json.loads(stage.to_json_best_effort())
   recorded = os.path.join(sdir, "config.json")
   if os.path.isfile(recorded):
-    have = files.read_json(recorded)
+    have = config_lib.with_defaults(files.read_json(recorded))
     diff = config_lib.config_diff(have, want, ignore=RESULT_FREE)
     if diff:
       raise ValueError(
@@ -675,7 +502,8 @@ def check_resume(c, workdir, allow_change=False) -> dict:
   if not steps:
     return {}
   if os.path.isfile(recorded):
-    have, want = files.read_json(recorded), json.loads(c.to_json_best_effort())
+    have = config_lib.with_defaults(files.read_json(recorded))
+    want = json.loads(c.to_json_best_effort())
     diff = config_lib.config_diff(have, want)
     hard = [k for k in diff if not k.startswith(RESULT_FREE)]
     fa, fb = config_lib.flatten(have), config_lib.flatten(want)
@@ -723,13 +551,13 @@ def is_finished(c, workdir, summary) -> bool:
 
 
 def planned_sources(c) -> dict[str, int]:
-  """How many steps draw each data source (a pure function of the config; see step_source)."""
+  """How many steps draw each data source (a pure function of the config; rollout.step_source)."""
   out = {}
   for step in range(c.train.steps):
     if c.mode == "sft" or step < c.train.sft_warmup_steps:
       source = "sft"
     else:
-      source = step_source(c.seed, step, c.gkd.lmbda, c.gkd.seq_kd)
+      source = rollout.step_source(c.seed, step, c.gkd.lmbda, c.gkd.seq_kd)
     out[source] = out.get(source, 0) + 1
   return out
 
@@ -811,13 +639,12 @@ def _run(c, workdir, teacher_path, summary, stage) -> dict:
   from gkd_jax import observe
 
   tr = Trainer(c, workdir, teacher_path)
-  tr.setup()
-  tr.key = jax.random.PRNGKey(c.seed)
-  start = tr.restore()
+  state = tr.restore(tr.setup())
+  start = state.step
   logger = observe.MetricsLogger(workdir, enabled=tr.is_main, keep_until=start if start else -1)
   summary["start_step"] = start
   if start == 0 and c.eval.num_examples and c.eval.at_start:
-    summary["eval"]["before"] = tr.eval_student(0, logger)[0]
+    summary["eval"]["before"] = tr.eval_student(state, logger)[0]
     if c.eval.teacher and c.mode == "gkd":
       same_eval = (
         stage
@@ -831,7 +658,7 @@ def _run(c, workdir, teacher_path, summary, stage) -> dict:
       if same_eval and stage["eval"].get("after"):  # the stage scored this teacher already
         summary["eval"]["teacher"] = dict(stage["eval"]["after"])
       else:
-        summary["eval"]["teacher"], _ = tr.evaluate(tr.teacher, "teacher")
+        summary["eval"]["teacher"], _ = tr.evaluator(tr.teacher, "teacher", is_teacher=True)
       logger.write(0, summary["eval"]["teacher"], prefix="teacher")
   if tr.is_main:  # a record of this sitting from the start (status "running")
     write_summary(workdir, summary)
@@ -839,11 +666,14 @@ def _run(c, workdir, teacher_path, summary, stage) -> dict:
   previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
   progress = observe.Progress(c.train.steps, start_step=start, enabled=tr.is_main)
   acc, window, t_last = {}, {}, time.time()
+  reward = float("nan")
   try:
     batches = tr.train_batches(start)
     for step in range(start, c.train.steps):
-      batch = tr.place(next(batches))
-      metrics, source = tr.train_step(batch, step)
+      state, metrics, rolled = tr.train_step(state, tr.place(next(batches)))
+      source = rolled.source
+      if not math.isnan(rolled.reward):  # the newest sequence reward (RL + GKD)
+        reward = rolled.reward
       loss = float(metrics.pop("loss")[0])
       if not math.isfinite(loss) or not float(metrics.pop("params_finite")[0]):
         good = (
@@ -867,35 +697,36 @@ def _run(c, workdir, teacher_path, summary, stage) -> dict:
         out = {k: s / max(n, 1e-9) for k, (s, n) in acc.items() if k != "tokens"}
         out["tokens_per_s"] = acc["tokens"][0] / max(dt, 1e-9)
         out["on_policy_fraction"] = window.get("on_policy", 0) / max(sum(window.values()), 1)
-        if tr.reward_fn is not None:
-          out["reward"] = getattr(tr, "_last_reward", float("nan"))
+        if tr.rollout.reward_fn is not None:
+          out["reward"] = reward
         logger.write(done, out, prefix="train")
         progress.update(done, loss=out["loss"], tokens_per_s=out["tokens_per_s"])
         acc, window, t_last = {}, {}, time.time()
       if c.train.ckpt_every and done % c.train.ckpt_every == 0 and done < c.train.steps:
-        tr.save(done)
+        tr.save(state)
       if c.train.eval_every and done % c.train.eval_every == 0 and done < c.train.steps:
-        tr.eval_student(done, logger)
+        tr.eval_student(state, logger)
       if done == c.train.sft_warmup_steps and c.eval.num_examples and done < c.train.steps:
-        summary["eval"]["after_sft_warmup"] = tr.eval_student(done, logger)[0]
+        summary["eval"]["after_sft_warmup"] = tr.eval_student(state, logger)[0]
         if tr.is_main:
           write_summary(workdir, summary)
       if stop["flag"]:
-        tr.save(done, wait=True)
+        tr.save(state, wait=True)
         summary.update(status="preempted", step=done)
         log.warning("SIGTERM: saved step %d and stopped", done)
         return summary
-    tr.save(c.train.steps, wait=True)  # a no-op when a resumed run restored the final step
+    tr.save(state, wait=True)  # a no-op when a resumed run restored the final step
     summary.update(step=c.train.steps, sources=planned_sources(c))
     if c.eval.num_examples:
-      summary["eval"]["after"], summary["samples"] = tr.eval_student(c.train.steps, logger)
+      summary["eval"]["after"], summary["samples"] = tr.eval_student(state, logger)
     if c.train.export_hf:
       # every process joins the gather (params span all of them); process 0 writes
-      nnx.update(
-        tr.student, jax.tree.map(to_host, tr.params) if jax.process_count() > 1 else tr.params
-      )
-    if c.train.export_hf and tr.is_main:
-      summary["export"] = models.save_hf(tr.student, tr.tokenizer, os.path.join(workdir, "hf"))
+      params = state.params
+      if jax.process_count() > 1:
+        params = jax.tree.map(sharding.to_host, params)
+      if tr.is_main:
+        student = nnx.merge(tr.graphdef, params)
+        summary["export"] = models.save_hf(student, tr.tokenizer, os.path.join(workdir, "hf"))
     summary["status"] = "done"
     return summary
   finally:

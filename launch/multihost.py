@@ -28,7 +28,7 @@ What a multi-process run does (gkd_jax/train.py):
 * data: ``config.data.batch_size`` is the GLOBAL batch. Process p reads its own rows of
   each global batch (``get_dataset(shard_index=jax.process_index(),
   num_shards=jax.process_count())``, ``batch_size // process_count`` rows each), and
-  ``train.Batches`` assembles them into one global array with
+  ``sharding.shard_batch`` assembles them into one global array with
   ``jax.make_array_from_process_local_data``. The global batch of step k is the same
   for any number of processes, so N processes train exactly what one process would;
 * which step is on-policy and every sampling key are functions of (seed, step): all

@@ -12,7 +12,7 @@ import pytest
 
 import np_ref
 from gkd_jax import atkd as at
-from gkd_jax import config, steps
+from gkd_jax import config, losses, steps
 from gkd_jax import divergences as dv
 
 
@@ -246,7 +246,7 @@ def test_degenerate_counts_are_finite(split):
 def test_default_split_is_batch():
   for fn in (at.hard_mask, at.atkd_weights, at.atkd_loss):
     assert inspect.signature(fn).parameters["split"].default == "batch", fn.__name__
-  assert steps.LossSpec().atkd_split == "batch"
+  assert losses.ATKD().split == "batch" and steps.LossSpec.from_config(config.defaults()).loss == losses.JSD()
   assert config.defaults().gkd.atkd_split == "batch"
   s, t, g = _case(12)
   mask = np.ones((3, 9), bool)

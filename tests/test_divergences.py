@@ -9,6 +9,7 @@ import pytest
 
 import np_ref
 from gkd_jax import divergences as dv
+from gkd_jax import losses
 
 CASES = [("fkl", {}), ("rkl", {}), ("tvd", {}), ("jsd", {"beta": 0.5}), ("jsd", {"beta": 0.1}),
          ("jsd", {"beta": 0.9}), ("jsd", {"beta": 0.0}), ("jsd", {"beta": 1.0}),
@@ -26,7 +27,7 @@ def _logits(seed, shape, scale=3.0):
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_random_logits_match_reference(name, params, temperature):
   s, t = _logits(0, (3, 5, 37)), _logits(1, (3, 5, 37))
-  got = dv.get_divergence(name, temperature=temperature, **params)(s, t)
+  got = losses.get_divergence(name, temperature=temperature, **params)(s, t)
   want = np_ref.divergence(name, s, t, temperature, **params)
   assert got.shape == (3, 5) and got.dtype == jnp.float32
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
@@ -39,7 +40,7 @@ def test_extreme_logits_match_reference(name, params):
   t = np.where(r.random((4, 16)) < 0.5, 1e4, -1e4).astype(np.float32)
   onehot_t = np.where(np.arange(16) == r.integers(0, 16, (4, 1)), 1e4, 0.0).astype(np.float32)
   for tt in (t, onehot_t):
-    got = np.asarray(dv.get_divergence(name, **params)(s, tt))
+    got = np.asarray(losses.get_divergence(name, **params)(s, tt))
     want = np_ref.divergence(name, s, tt, **params)
     assert np.all(np.isfinite(got))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -48,7 +49,7 @@ def test_extreme_logits_match_reference(name, params):
 @pytest.mark.parametrize("name,params", CASES, ids=IDS)
 def test_identical_inputs_give_zero(name, params):
   s = _logits(3, (6, 50), scale=10.0)
-  np.testing.assert_allclose(dv.get_divergence(name, **params)(s, s), 0.0, atol=1e-6)
+  np.testing.assert_allclose(losses.get_divergence(name, **params)(s, s), 0.0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["fkl", "jsd", "tvd", "skl"])
@@ -57,7 +58,7 @@ def test_minus_inf_teacher_logits_are_zero_probability(name):
   s = _logits(4, (2, 9))
   t = np.full((2, 9), -np.inf, np.float32)
   t[0, 3], t[1, 0] = 0.0, 0.0
-  got = dv.get_divergence(name)(s, t)
+  got = losses.get_divergence(name)(s, t)
   want = np_ref.divergence(name, s, t)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
@@ -67,7 +68,7 @@ def test_padded_vocab_is_excluded(name, params):
   """Padded entries (>= vocab_size) hold junk; the result equals the cut-off vocab."""
   s, t = _logits(5, (4, 40)), _logits(6, (4, 40))
   s[:, 30:], t[:, 30:] = 50.0, -3.0
-  got = dv.get_divergence(name, vocab_size=30, **params)(s, t)
+  got = losses.get_divergence(name, vocab_size=30, **params)(s, t)
   want = np_ref.divergence(name, s, t, vocab_size=30, **params)
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
 
@@ -77,7 +78,7 @@ def test_gradients_match_finite_differences(name, params):
   """d/d(student and teacher logits) of sum(w * D) vs central differences of the f64 reference."""
   s, t = _logits(7, (3, 6), 2.0), _logits(8, (3, 6), 2.0)
   w = np.random.default_rng(9).random(3)
-  fn = dv.get_divergence(name, temperature=1.5, **params)
+  fn = losses.get_divergence(name, temperature=1.5, **params)
   gs, gt = jax.grad(lambda a, b: jnp.sum(w * fn(a, b)), argnums=(0, 1))(s, t)
   ref = lambda a, b: np.sum(w * np_ref.divergence(name, a, b, 1.5, **params))
   eps = 1e-6
@@ -128,7 +129,7 @@ def test_masked_mean_and_exact_accumulation(mode):
 
 def test_jit_and_vmap():
   s, t = _logits(13, (2, 3, 11)), _logits(14, (2, 3, 11))
-  fn = jax.jit(dv.get_divergence("jsd", beta=0.3))
+  fn = jax.jit(losses.get_divergence("jsd", beta=0.3))
   np.testing.assert_allclose(fn(s, t), jax.vmap(fn)(s, t), rtol=1e-6)
 
 
@@ -140,10 +141,10 @@ def test_jit_and_vmap():
     (lambda s, t: dv.skew_reverse_kl(s, t, alpha=-1), "alpha"),
     (lambda s, t: dv.reverse_kl(s, t, temperature=0.0), "temperature"),
     (lambda s, t: dv.total_variation(s, t, temperature=-1.0), "temperature"),
-    (lambda s, t: dv.get_divergence("kl"), "unknown divergence 'kl'.*fkl, rkl, jsd"),
-    (lambda s, t: dv.get_divergence("jsd", alpha=0.1), "unknown parameter.*alpha"),
-    (lambda s, t: dv.get_divergence("skl", alpha=7), "alpha"),
-    (lambda s, t: dv.get_divergence("fkl", temperature=0), "temperature"),
+    (lambda s, t: losses.get_divergence("kl"), "unknown divergence 'kl'.*fkl, rkl, jsd"),
+    (lambda s, t: losses.get_divergence("jsd", alpha=0.1), "unknown parameter.*alpha"),
+    (lambda s, t: losses.get_divergence("skl", alpha=7), "alpha"),
+    (lambda s, t: losses.get_divergence("fkl", temperature=0), "temperature"),
     (lambda s, t: dv.forward_kl(s, t, vocab_size=99), "vocab_size"),
     (lambda s, t: dv.masked_mean(s[..., 0], s[..., 0] > 0, "batch"), "reduction mode 'batch'"),
     (lambda s, t: dv.masked_mean(s[..., 0], s[:1, 0] > 0, "token"), "same shape"),

@@ -10,6 +10,7 @@ from jax.extend.core import jaxprs_in_params
 
 from gkd_jax import atkd as at
 from gkd_jax import divergences as dv
+from gkd_jax import losses
 from gkd_jax.fused import fused_loss
 
 B, T, D, DT, V, VREAL = 3, 7, 16, 24, 50, 45
@@ -38,7 +39,7 @@ def _unfused(hs, ws, ht, wt, tgt, mask, *, loss, reduction, temperature, caps, *
   t = dv.softcap(ht @ wt, caps[1])
   if loss == "atkd":
     return at.atkd_loss(s, t, tgt, mask, temperature=temperature, vocab_size=VREAL, **params)[0]
-  fn = dv.get_divergence(loss, temperature=temperature, vocab_size=VREAL, **params)
+  fn = losses.get_divergence(loss, temperature=temperature, vocab_size=VREAL, **params)
   return dv.masked_mean(fn(s, t), mask, reduction)[0]
 
 

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from gkd_jax import models  # noqa: E402
-from gkd_jax.models import checkpoint, convert_llama  # noqa: E402
+from gkd_jax.models import convert_llama  # noqa: E402
 from gkd_jax.models.llama import Llama, LlamaConfig  # noqa: E402
 
 V = 128
@@ -257,24 +257,6 @@ def test_smaller_config():
     convert_llama.smaller_config(teacher, vocab_size=64)
   with pytest.raises(ValueError, match="n_layer"):
     convert_llama.smaller_config(teacher, n_layer=2)
-
-
-def test_orbax_round_trip(tmp_path):
-  cfg = LlamaConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                    head_dim=8, mlp_dim=48, qkv_bias=True)
-  model = Llama(cfg, rngs=nnx.Rngs(0))
-  path = checkpoint.save_params(model, tmp_path / "ckpt")
-  restored = checkpoint.restore_params(Llama(cfg, rngs=nnx.Rngs(1)), path)
-  for name, a in convert_llama.flat_params(model).items():
-    np.testing.assert_array_equal(convert_llama.flat_params(restored)[name], a, err_msg=name)
-  with pytest.raises(ValueError, match="does not exist"):
-    checkpoint.restore_params(model, tmp_path / "missing")
-  with pytest.raises(ValueError, match="already exists"):
-    checkpoint.save_params(model, path)
-  with pytest.raises(ValueError, match="layers.2"):
-    checkpoint.restore_params(Llama(dataclasses.replace(cfg, n_layers=3), rngs=nnx.Rngs(0)), path)
-  with pytest.raises(ValueError, match="'embed' has shape"):
-    checkpoint.restore_params(Llama(dataclasses.replace(cfg, vocab_size=64), rngs=nnx.Rngs(0)), path)
 
 
 def _round_bf16(x):

@@ -297,9 +297,9 @@ def preempted(tiny_dirs, tmp_path_factory):
   w = tmp_path_factory.mktemp("preempted")
   real = train.Trainer.train_step
 
-  def step_then_sigterm(self, batch, step):
-    out = real(self, batch, step)
-    if step + 1 == 3:
+  def step_then_sigterm(self, state, batch):
+    out = real(self, state, batch)
+    if state.step + 1 == 3:
       os.kill(os.getpid(), signal.SIGTERM)
     return out
 
@@ -426,6 +426,20 @@ def test_resume_with_changed_free_settings_warns(tiny_dirs, preempted, reference
              for r in caplog.records)
   assert (w / "config.step3.json").read_text() == old
   assert_same_params(w, reference)
+
+
+def test_a_config_recorded_before_a_key_existed_resumes(tmp_path):
+  """Keys added to the schema later (gkd.loss_kw, student.scan_layers) take their defaults in
+  an older workdir's config.json: no spurious 'changed settings'."""
+  c = config_lib.defaults()
+  recorded = json.loads(c.to_json_best_effort())
+  del recorded["student"]["scan_layers"], recorded["gkd"]["loss_kw"]
+  (tmp_path / "ckpt" / "2").mkdir(parents=True)
+  (tmp_path / "config.json").write_text(json.dumps(recorded))
+  assert train.check_resume(c, str(tmp_path)) == {}
+  c.student.scan_layers = True
+  with pytest.raises(ValueError, match="student.scan_layers False -> True"):
+    train.check_resume(c, str(tmp_path))
 
 
 def test_allow_config_change_goes_on_and_keeps_the_old_config(tiny_dirs, preempted, tmp_path):

@@ -80,6 +80,11 @@ def test_two_cell_grid_with_resume(tmp_path):
   assert key(rep.run_grid(grid, out, results)) == key(rows)
   assert not os.path.exists(rep.cell_dir(out, "fkl-l0", 0))
   other = tiny_grid(tmp_path / "teacher")
+  same = rep.fingerprint(other)
+  other.base.gkd.loss_kw = {}  # a key at its neutral value changes nothing
+  assert rep.fingerprint(other) == same
+  other.base.gkd.loss_kw = {"beta": 0.9}
+  assert rep.fingerprint(other) != same
   other.base.optim.lr = 1e-3
   with pytest.raises(SystemExit, match="another grid config"):
     rep.run_grid(other, out, results)

@@ -38,7 +38,7 @@ def test_make_mesh(mesh):
 
 
 def test_sharded_model_specs_and_logits(mesh):
-  model = sharding.create_sharded(lambda: Llama(CFG, rngs=nnx.Rngs(0)), mesh)
+  model = sharding.shard_model(Llama(CFG, rngs=nnx.Rngs(0)), mesh)
   assert _spec(model.embed) == P("model", "fsdp")
   assert _spec(model.lm_head) == P("fsdp", "model")
   assert _spec(model.final_norm) == P(None)

@@ -268,22 +268,6 @@ def test_remat_and_bf16():
     assert np.abs(np.asarray(low) - np.asarray(high)).max() <= 0.1 * np.abs(np.asarray(high)).max()
 
 
-def test_activation_constraints_under_mesh():
-    """With a mesh and flax logical axis rules active, activations shard on "batch"."""
-    cfg = T5Config(vocab_size=V, d_model=16, d_kv=4, n_heads=2, d_ff=24, n_encoder_layers=1,
-                   n_decoder_layers=1, ffn="gated-gelu", tie_embeddings=False)
-    ours = build(cfg, 1)
-    enc, enc_mask, dec, dec_mask = (np.tile(a, (3, 1))[:8] for a in padded_batch(seed=7, s=7, t=5))
-    ref = np.asarray(forward(ours, enc, dec, enc_mask, dec_mask))
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    with jax.set_mesh(mesh), nnx.logical_axis_rules([("batch", "data")]):
-        f = nnx.jit(lambda m, e, d: m(e, d, encoder_mask_BxS=enc_mask, decoder_mask_BxT=dec_mask))
-        assert "sharding_constraint" in f.lower(ours, enc, dec).as_text()
-        out = f(ours, enc, dec)
-    assert out.sharding.spec[0] == "data"
-    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-6)
-
-
 def test_untied_checkpoint_without_lm_head_uses_shared():
     """transformers >= 5 drops lm_head.weight on save when it equals shared.weight."""
     hf = hf_model("v1_1")

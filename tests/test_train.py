@@ -114,39 +114,38 @@ def _wait_for(path, proc, timeout=300):
 
 @pytest.mark.slow
 def test_resume_after_sigkill_and_sigterm_is_bitwise_identical(tiny_dirs, tmp_path):
+  """One workdir: SIGKILL after the step-2 checkpoint, resume, SIGTERM after step 4 (a clean
+  preemption), resume again: the final parameters equal an uninterrupted run's, bit for bit."""
+  overrides = {"train.steps": 8, "train.ckpt_every": 2, "gkd.lmbda": 0.5}
   cfg = tmp_path / "cfg.py"
   cfg.write_text(
       "import sys; sys.path.insert(0, %r)\n" % os.path.join(ROOT, "tests") +
       "from test_train import tiny_config\n"
       "def get_config():\n"
-      f"  return tiny_config({str(tiny_dirs / 'teacher')!r}, **{{'train.steps': 6, "
-      "'train.ckpt_every': 2, 'gkd.lmbda': 0.5})\n")
-  ref = _cli(cfg, tmp_path / "ref")
-  assert ref.wait() == 0, ref.stdout.read()
-  want = _params(tmp_path / "ref", 6)
+      f"  return tiny_config({str(tiny_dirs / 'teacher')!r}, **{overrides!r})\n")
+  train.run(tiny_config(tiny_dirs / "teacher", **overrides), str(tmp_path / "ref"))
+  want = _params(tmp_path / "ref", 8)
 
-  killed = _cli(cfg, tmp_path / "kill")
-  _wait_for(tmp_path / "kill" / "ckpt" / "2", killed)
+  work = tmp_path / "run"
+  killed = _cli(cfg, work)
+  _wait_for(work / "ckpt" / "2", killed)
   killed.send_signal(signal.SIGKILL)
   killed.wait()
-  resumed = _cli(cfg, tmp_path / "kill")
-  out = resumed.communicate()[0]
-  assert resumed.returncode == 0, out
-  assert '"start_step": 0' not in out  # it did resume
-
-  term = _cli(cfg, tmp_path / "term")
-  _wait_for(tmp_path / "term" / "ckpt" / "2", term)
+  term = _cli(cfg, work)  # resumes, then is preempted
+  _wait_for(work / "ckpt" / "4", term)
   term.send_signal(signal.SIGTERM)
   out = term.communicate()[0]
   assert term.returncode == 0 and '"status": "preempted"' in out, out
-  again = _cli(cfg, tmp_path / "term", "--gin_bindings=train.log_every = 2")
-  assert again.wait() == 0, again.stdout.read()
+  assert '"start_step": 0' not in out  # it did resume
+  again = _cli(cfg, work, "--gin_bindings=train.log_every = 2")
+  out = again.communicate()[0]
+  assert again.returncode == 0, out
+  assert '"start_step": 0' not in out
 
-  for run in ("kill", "term"):
-    got = _params(tmp_path / run, 6)
-    assert got.keys() == want.keys()
-    for k in want:
-      np.testing.assert_array_equal(got[k], want[k], err_msg=f"{run}: {k}")
+  got = _params(work, 8)
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(tiny_dirs, tmp_path):
@@ -210,11 +209,32 @@ def test_teacher_has_its_own_dtype_and_sharding_rules(tiny_dirs, tmp_path):
   c = tiny_config(tiny_dirs / "teacher", **{"teacher.param_dtype": "bfloat16",
                                             "teacher.rules": (("vocab", None),)})
   tr = train.Trainer(config_lib.validate(c), str(tmp_path))
-  tr.setup()
-  t_embed, s_embed = tr.teacher.embed[...], tr.student.embed[...]
+  state = tr.setup()
+  t_embed, s_embed = tr.teacher[1]["embed"][...], state.params["embed"][...]
   assert t_embed.dtype == np.dtype("bfloat16") and s_embed.dtype == np.float32
   assert t_embed.sharding.spec[0] is None  # the teacher's rule: vocab replicated
   assert s_embed.sharding.spec[0] == "model"  # the student keeps the default rule
+
+
+def test_student_scan_layers_is_the_same_student_scanned(tiny_dirs):
+  from gkd_jax.models import convert_llama
+  c = tiny_config(tiny_dirs / "teacher")
+  teacher, _ = models.load(str(tiny_dirs / "teacher"))
+  plain = train.build_student(c, teacher)
+  c.student.scan_layers = True
+  scanned = train.build_student(config_lib.validate(c), teacher)
+  assert scanned.cfg.scan_layers and not plain.cfg.scan_layers
+  assert not isinstance(scanned.layers, nnx.List) and isinstance(plain.layers, nnx.List)
+  want = convert_llama.flat_params(plain)
+  got = convert_llama.flat_params(scanned)
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  tokens = np.arange(1, 25, dtype=np.int32).reshape(2, 12)
+  np.testing.assert_allclose(scanned(tokens), plain(tokens), rtol=1e-5, atol=1e-5)
+  c.train.top_layers = 1
+  with pytest.raises(ValueError, match="student.scan_layers"):
+    config_lib.validate(c)
 
 
 def test_sample_dot_dtype_is_refused_for_encoder_decoder_before_training():

@@ -10,7 +10,8 @@ from flax import nnx
 
 from gkd_jax import config as config_lib
 from gkd_jax import divergences as dv
-from gkd_jax import sampling, sharding, steps, train
+from gkd_jax import losses as loss_lib
+from gkd_jax import rollout, sampling, sharding, steps, train
 from gkd_jax.models.llama import Llama, LlamaConfig
 
 TEACHER = LlamaConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8,
@@ -69,14 +70,14 @@ def _run(setup, spec, steps_n=15, lr=1e-2, on_policy=False, advantages=None, gra
 
 
 CASES = {
-    "fkl": steps.LossSpec(loss="fkl"), "rkl": steps.LossSpec(loss="rkl"),
-    "jsd": steps.LossSpec(loss="jsd", beta=0.5), "tvd": steps.LossSpec(loss="tvd"),
-    "skl": steps.LossSpec(loss="skl", alpha=0.1), "srkl": steps.LossSpec(loss="srkl", alpha=0.1),
-    "atkd": steps.LossSpec(loss="atkd"),
-    "jsd_fused_seq": steps.LossSpec(loss="jsd", fused=True, chunk_size=16, reduction="sequence"),
-    "atkd_fused": steps.LossSpec(loss="atkd", fused=True, chunk_size=16),
+    "fkl": steps.LossSpec(loss=loss_lib.get("fkl")), "rkl": steps.LossSpec(loss=loss_lib.get("rkl")),
+    "jsd": steps.LossSpec(loss=loss_lib.get("jsd", beta=0.5)), "tvd": steps.LossSpec(loss=loss_lib.get("tvd")),
+    "skl": steps.LossSpec(loss=loss_lib.get("skl", alpha=0.1)), "srkl": steps.LossSpec(loss=loss_lib.get("srkl", alpha=0.1)),
+    "atkd": steps.LossSpec(loss=loss_lib.get("atkd")),
+    "jsd_fused_seq": steps.LossSpec(loss=loss_lib.get("jsd"), fused=True, chunk_size=16, reduction="sequence"),
+    "atkd_fused": steps.LossSpec(loss=loss_lib.get("atkd"), fused=True, chunk_size=16),
     "sft": steps.LossSpec(mode="sft"),
-    "fkl_ce": steps.LossSpec(loss="fkl", ce_weight=0.5, temperature=2.0),
+    "fkl_ce": steps.LossSpec(loss=loss_lib.get("fkl"), ce_weight=0.5, temperature=2.0),
 }
 
 
@@ -88,23 +89,23 @@ def test_loss_falls_on_a_fixed_batch(setup, name):
 
 
 def test_loss_falls_on_fixed_student_samples(setup):
-  losses, _, _ = _run(setup, steps.LossSpec(loss="rkl"), on_policy=True)
+  losses, _, _ = _run(setup, steps.LossSpec(loss=loss_lib.get("rkl")), on_policy=True)
   assert losses[-1] < 0.8 * losses[0], losses
 
 
 def test_rl_plus_gkd_moves_toward_rewarded_samples(setup):
   """(1-alpha)*REINFORCE + alpha*divergence: positive advantages raise those samples' log-prob."""
-  spec = steps.LossSpec(loss="jsd", rl_alpha=0.5)
+  spec = steps.LossSpec(loss=loss_lib.get("jsd"), rl_alpha=0.5)
   adv = jnp.array([1.0, -1.0] * 4)
   _, params, m = _run(setup, spec, on_policy=True, advantages=adv, steps_n=8)
   assert {"pg", "divergence"} <= set(m)
-  spec_tok = steps.LossSpec(loss="jsd", rl_alpha=0.0, token_rkl_reward=True)
+  spec_tok = steps.LossSpec(loss=loss_lib.get("jsd"), rl_alpha=0.0, token_rkl_reward=True)
   losses, _, m = _run(setup, spec_tok, on_policy=True, steps_n=8)
   assert "pg" in m and "divergence" not in m and all(np.isfinite(losses))
 
 
 def test_grad_accumulation_equals_full_batch(setup):
-  spec = steps.LossSpec(loss="fkl", reduction="sequence")
+  spec = steps.LossSpec(loss=loss_lib.get("fkl"), reduction="sequence")
   full, p1, _ = _run(setup, spec, steps_n=2)
   acc, p2, _ = _run(setup, spec, steps_n=2, grad_accum=4)
   np.testing.assert_allclose(acc, full, rtol=2e-5)
@@ -114,7 +115,7 @@ def test_grad_accumulation_equals_full_batch(setup):
 
 def test_divergence_metric_matches_direct_computation(setup):
   mesh, teacher, batch = setup
-  _, params, m = _run(setup, steps.LossSpec(loss="fkl"), steps_n=1, lr=0.0)
+  _, params, m = _run(setup, steps.LossSpec(loss=loss_lib.get("fkl")), steps_n=1, lr=0.0)
   student = Llama(STUDENT, rngs=nnx.Rngs(1))
   view = steps.batch_view(batch, False)
   pick = lambda x: jnp.take_along_axis(x, view["loss_positions"][..., None], axis=1)
@@ -143,11 +144,11 @@ def test_samples_view_layout():
 
 @pytest.mark.parametrize("lmbda", [0.0, 0.3, 1.0])
 def test_on_policy_fraction_is_lmbda(lmbda):
-  draws = [train.step_source(7, s, lmbda, False) == "on_policy" for s in range(4000)]
+  draws = [rollout.step_source(7, s, lmbda, False) == "on_policy" for s in range(4000)]
   assert abs(np.mean(draws) - lmbda) < 0.03
-  assert train.step_source(7, 11, lmbda, False) == train.step_source(7, 11, lmbda, False)
+  assert rollout.step_source(7, 11, lmbda, False) == rollout.step_source(7, 11, lmbda, False)
   if lmbda < 1:
-    assert {train.step_source(7, s, lmbda, True) for s in range(50)} >= {"teacher"}
+    assert {rollout.step_source(7, s, lmbda, True) for s in range(50)} >= {"teacher"}
 
 
 def test_shared_ce_forward_equals_a_separate_one(setup):
@@ -205,3 +206,33 @@ def test_eval_token_kl_with_cached_teacher_hidden_states(setup):
   got = evaluation.token_kl(student, teacher, [view, view], hidden)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   np.testing.assert_allclose(evaluation.token_kl(student, teacher, [view]), want, rtol=1e-5)
+
+
+def test_rollout_sources_views_and_samples(setup):
+  """The rollout's view per source: the dataset's own (ce view shared), or the student's
+  samples drawn with fold_in(rng, step) from (graphdef, params), the dataset view kept for CE."""
+  import types
+  mesh, teacher, batch = setup
+  student = Llama(STUDENT, rngs=nnx.Rngs(1))
+  sharding.shard_model(student, mesh)
+  c = config_lib.defaults()
+  c.data.batch_size, c.gkd.max_new_tokens, c.gkd.lmbda = 8, 5, 1.0
+  tok = types.SimpleNamespace(pad_id=0, eos_id=63)
+  ro = rollout.Rollout(c, mesh, None, tok, False)
+  key = jax.random.PRNGKey(4)
+  r = ro(batch, 3, nnx.split(student), nnx.split(teacher), key)
+  assert r.source == "on_policy" and np.isnan(r.reward) and r.ce_view is not None
+  out = sampling.sample(student, batch["prompt_tokens"], batch["prompt_lengths"],
+                        rng=jax.random.fold_in(key, 3), max_new_tokens=5, eos_ids=[63], pad_id=0)
+  want = steps.samples_view(batch["prompt_tokens"], batch["prompt_lengths"], out.tokens, out.mask,
+                            False)
+  for k in want:
+    np.testing.assert_array_equal(r.view[k], want[k], err_msg=k)
+  data = steps.batch_view(batch, False)
+  for k in data:
+    np.testing.assert_array_equal(r.ce_view[k], data[k], err_msg=k)
+  c.gkd.lmbda = 0.0
+  r = ro(batch, 3, nnx.split(student), nnx.split(teacher), key)
+  assert r.source == "dataset" and r.ce_view is None
+  np.testing.assert_array_equal(r.view["targets"], data["targets"])
+  assert ro(batch, 3, nnx.split(student), nnx.split(teacher), key, sft=True).source == "sft"

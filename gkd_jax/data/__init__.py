@@ -8,6 +8,8 @@ Importing this package is light: seqio/TensorFlow load on the first `get_dataset
   get_eval_examples(task_name, split, *, tokenizer, ...) -> [{"prompt_tokens", "prompt_text",
       "reference", "references"}]
   evaluate(task_name, targets, predictions) -> {metric: value}
+  config_kwargs(data_config, tokenizer, encoder_decoder) -> the keyword arguments of a run's
+      config.data that get_dataset and get_eval_examples take (one home for them)
   TASKS: the registered task names -> TaskSpec (gkd_jax.data.tasks)
 """
 
@@ -26,6 +28,22 @@ _LAZY = {
 }
 
 __all__ = sorted(_LAZY)
+
+
+def config_kwargs(d, tokenizer, encoder_decoder: bool) -> dict:
+  """The data arguments of config section ``d`` (``config.data``) for ``get_dataset`` and
+  ``get_eval_examples``, with the run's tokenizer and model kind."""
+  return dict(
+    tokenizer=tokenizer,
+    model_kind="encdec" if encoder_decoder else "decoder",
+    prompt_format=d.prompt_format,
+    source=d.source or None,
+    data_dir=d.data_dir or None,
+    paths=dict(d.paths) or None,
+    max_prompt_len=d.max_prompt_len,
+    max_target_len=d.max_target_len,
+    overlong=d.overlong,
+  )
 
 
 def __getattr__(name):

@@ -54,31 +54,33 @@ def truncate(ids, max_len: int, tail=()):
   return (ids[:keep] + tail)[:max_len]
 
 
-def _right_pad(rows, length, pad_id):
+def right_pad(rows, length, pad_id):
+  """Lists of ids -> int32 ``[len(rows), length]``, each row right-padded with pad_id."""
   out = np.full((len(rows), length), pad_id, np.int32)
   for i, r in enumerate(rows):
     out[i, : len(r)] = r
   return out
 
 
-def _lengths(rows):
+def row_lengths(rows):
+  """int32 ``[len(rows)]``: the length of each list of ids."""
   return np.asarray([len(r) for r in rows], np.int32)
 
 
 def decoder_batch(prompts, targets, *, pad_id: int, prompt_len: int, target_len: int) -> dict:
   """Decoder-only batch from lists of prompt / target id sequences (see the module docstring)."""
-  p_len, t_len = _lengths(prompts), _lengths(targets)
+  p_len, t_len = row_lengths(prompts), row_lengths(targets)
   seq = [list(p) + list(t) for p, t in zip(prompts, targets)]
   total = prompt_len + target_len
   cols = np.arange(total, dtype=np.int32)[None, :]
   return {
-    "tokens": _right_pad(seq, total, pad_id),
+    "tokens": right_pad(seq, total, pad_id),
     "positions": np.broadcast_to(cols, (len(seq), total)).copy(),
     "prompt_mask": (cols < p_len[:, None]).astype(np.int32),
     "target_mask": ((cols >= p_len[:, None]) & (cols < (p_len + t_len)[:, None])).astype(np.int32),
-    "prompt_tokens": _right_pad(prompts, prompt_len, pad_id),
+    "prompt_tokens": right_pad(prompts, prompt_len, pad_id),
     "prompt_lengths": p_len,
-    "target_tokens": _right_pad(targets, target_len, pad_id),
+    "target_tokens": right_pad(targets, target_len, pad_id),
     "target_lengths": t_len,
   }
 
@@ -87,9 +89,9 @@ def encdec_batch(
   prompts, targets, *, pad_id: int, prompt_len: int, target_len: int, decoder_start_id: int = 0
 ) -> dict:
   """Encoder-decoder batch (see the module docstring)."""
-  p_len, t_len = _lengths(prompts), _lengths(targets)
-  enc = _right_pad(prompts, prompt_len, pad_id)
-  dec_targets = _right_pad(targets, target_len, pad_id)
+  p_len, t_len = row_lengths(prompts), row_lengths(targets)
+  enc = right_pad(prompts, prompt_len, pad_id)
+  dec_targets = right_pad(targets, target_len, pad_id)
   dec_in = np.full_like(dec_targets, pad_id)
   dec_in[:, 1:] = dec_targets[:, :-1]
   dec_in[:, 0] = decoder_start_id

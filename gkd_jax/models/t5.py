@@ -18,9 +18,8 @@ metadata (``out_sharding``, created through ``nnx.with_partitioning``) with
 ``eager_sharding=False``, so models build without a mesh;
 ``nnx.get_partition_spec(nnx.state(model))`` returns the logical specs to map on a
 mesh. Logical names: "vocab", "embed", "heads", "head_dim", "mlp", "norm",
-"relpos_buckets" ("kv_heads" is unused: T5 has no GQA); activations are
-constrained with "batch", "length", "embed" when a mesh and logical axis rules
-are active (no-op otherwise).
+"relpos_buckets" ("kv_heads" is unused: T5 has no GQA); activations follow the
+parameters' and the batch's shardings (gkd_jax.sharding), as in the Llama model.
 
 dtype policy: params stored in ``param_dtype``, cast to ``dtype`` for compute;
 norms and softmax in fp32; logits always float32.
@@ -34,13 +33,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from flax.core import meta, spmd
+
+from gkd_jax.models import base
 
 FFN_KINDS = ("relu", "gated-gelu")
 _NEG = float(np.finfo(np.float32).min)
@@ -49,6 +49,8 @@ _NEG = float(np.finfo(np.float32).min)
 @dataclasses.dataclass(frozen=True)
 class T5Config:
   """T5 hyper-parameters (defaults: t5-small)."""
+
+  family: ClassVar[str] = "t5"  # gkd_jax.models.base.FAMILIES
 
   vocab_size: int = 32128
   d_model: int = 512
@@ -171,15 +173,6 @@ def attention(
   return jnp.einsum("bhts,bshk->bthk", p_BxHxTxS, v_BxSxHxK)
 
 
-def _constrain(x: jax.Array, *names: str) -> jax.Array:
-  """Shard an activation by logical names if a mesh and logical axis rules are active."""
-  rules = dict(spmd.get_logical_axis_rules())
-  if not rules or meta.get_global_mesh() is None:
-    return x
-  spec = jax.sharding.PartitionSpec(*(rules.get(n) for n in names))
-  return jax.lax.with_sharding_constraint(x, spec)
-
-
 def _param(
   rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], std: float | None, dtype
 ) -> nnx.Param:
@@ -272,7 +265,7 @@ class EncoderBlock(nnx.Module):
     h = self.attn_norm(x_BxSxD)
     x_BxSxD = x_BxSxD + self.attn(h, h, bias_HxSxS, mask_BxSxS)[0]
     x_BxSxD = x_BxSxD + self.ffn(self.ffn_norm(x_BxSxD))
-    return _constrain(x_BxSxD, "batch", "length", "embed")
+    return x_BxSxD
 
 
 class DecoderBlock(nnx.Module):
@@ -293,7 +286,7 @@ class DecoderBlock(nnx.Module):
       x_BxTxD + self.cross_attn(self.cross_norm(x_BxTxD), enc_BxSxD, None, cross_mask_BxTxS)[0]
     )
     x_BxTxD = x_BxTxD + self.ffn(self.ffn_norm(x_BxTxD))
-    return _constrain(x_BxTxD, "batch", "length", "embed"), new_cache
+    return x_BxTxD, new_cache
 
 
 def _run(block, *args):
@@ -302,6 +295,8 @@ def _run(block, *args):
 
 class T5(nnx.Module):
   """Encoder-decoder T5 (see module docstring). Build: ``T5(cfg, rngs=nnx.Rngs(0))``."""
+
+  kind: ClassVar[str] = base.ENCODER_DECODER  # implements base.EncoderDecoderLM
 
   def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -324,7 +319,7 @@ class T5(nnx.Module):
 
   def _embed(self, tokens_BxT: jax.Array) -> jax.Array:
     x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.cfg.dtype)
-    return _constrain(x, "batch", "length", "embed")
+    return x
 
   def _runner(self):
     return nnx.remat(_run) if self.cfg.remat else _run
@@ -373,6 +368,10 @@ class T5(nnx.Module):
     """Output projection W_DxV (compute dtype): logits == decoder_hidden_states @ W."""
     w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
     return w.astype(self.cfg.dtype)
+
+  def logit_softcap(self) -> None:
+    """T5 caps no logits."""
+    return None  # noqa: RET501 - the protocol's value, not an omission
 
   def encode(self, encoder_tokens_BxS, encoder_mask_BxS=None) -> jax.Array:
     """Encoder output enc_BxSxD (after final norm). Mask: 1 = real token
