@@ -32,6 +32,11 @@ def defaults() -> ml_collections.ConfigDict:
   c.teacher.dtype = "float32"  # compute dtype
   c.teacher.param_dtype = "float32"
   c.teacher.rules = ()  # extra logical-axis rules for the teacher only (after mesh.rules)
+  # A teacher-logit cache (python -m gkd_jax.teacher_cache): dataset (off-policy) steps read
+  # the teacher's top-k log-probs from it instead of running the teacher; on-policy and SeqKD
+  # steps still score with the live teacher, unless live=False, which refuses them.
+  c.teacher.cache = ""
+  c.teacher.live = True
   # Teacher SFT stage: with steps > 0 the run first fine-tunes the teacher on the task's train
   # split (cross-entropy, batch data.batch_size, optim.* except lr) in `dir` and distils from
   # that. `dir` ("" = WORKDIR/teacher_sft) is a cache: re-runs and every run of a sweep that
@@ -324,6 +329,17 @@ def validate(config) -> ml_collections.ConfigDict:
     "eval.num_samples_logged",
   ):
     positive(k, zero=True)
+  if config.teacher.cache:
+    need("gkd.fused", not config.gkd.fused, "False with teacher.cache (no fused cached path yet)")
+    need("mode", config.mode == "gkd", "'gkd' with teacher.cache")
+  if not config.teacher.live:
+    need("teacher.cache", bool(config.teacher.cache), "a cache directory when teacher.live=False")
+    need(
+      "gkd.lmbda",
+      config.gkd.lmbda == 0.0 and not config.gkd.seq_kd,
+      "0 and gkd.seq_kd False when teacher.live=False (on-policy and SeqKD steps need the "
+      "live teacher to score the samples)",
+    )
   need(
     "student.scan_layers",
     isinstance(config.student.scan_layers, bool)

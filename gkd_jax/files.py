@@ -37,3 +37,11 @@ def read_json(path: str) -> dict:
   if not isinstance(obj, dict):
     raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
   return obj
+
+
+def write_json(path: str, obj) -> None:
+  """Writes ``obj`` as JSON to ``path`` atomically (a temporary file renamed over it)."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)

@@ -53,17 +53,26 @@ class Rollout:
   encoder_decoder: bool
   reward_fn: Any = None  # rewards.RewardFn, or None (no sequence reward)
 
+  def source(self, step, sft=False) -> str:
+    """The data source of step ``step``: "sft", "dataset", "teacher" or "on_policy"."""
+    c, g = self.config, self.config.gkd
+    if c.mode == "sft" or sft:
+      return "sft"
+    return step_source(c.seed, step, g.lmbda, g.seq_kd)
+
   def __call__(self, batch, step, student, teacher, rng, sft=False) -> Rolled:
-    """batch: a placed dataset batch; student, teacher: (graphdef, params); rng: the run's
-    key (step ``step`` samples with ``fold_in(rng, step)``)."""
+    """batch: a placed dataset batch (with a teacher cache's ``teacher_*`` rows on dataset
+    steps); student, teacher: (graphdef, params); rng: the run's key (step ``step`` samples
+    with ``fold_in(rng, step)``)."""
     c, g = self.config, self.config.gkd
     pad = self.tokenizer.pad_id
     data_view = steps.batch_view(batch, self.encoder_decoder, pad)
-    if c.mode == "sft" or sft:
+    source = self.source(step, sft)
+    if source == "sft":
       return Rolled(data_view, None, jnp.zeros(c.data.batch_size), "sft")
-    source = step_source(c.seed, step, g.lmbda, g.seq_kd)
     if source == "dataset":  # ce_view None: the CE term reuses the view's forward
-      return Rolled(data_view, None, jnp.zeros(c.data.batch_size), source)
+      cached = {k: batch[k] for k in steps.CACHED_TEACHER if k in batch}
+      return Rolled({**data_view, **cached}, None, jnp.zeros(c.data.batch_size), source)
     prompts, lengths = batch["prompt_tokens"], batch["prompt_lengths"]
     spp = c.rl.samples_per_prompt
     if spp > 1:

@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 
 from gkd_jax import divergences as dv
-from gkd_jax import losses
+from gkd_jax import losses, sparse
 from gkd_jax.fused import fused_loss
 from gkd_jax.models import base
 
@@ -131,6 +131,11 @@ def samples_view(prompt_BxP, prompt_len_B, gen_BxN, gen_mask_BxN, encoder_decode
   return decoder_view(tokens, in_prompt | gen_valid, gen_valid, pad_id, n)
 
 
+# A teacher-logit cache's rows in a view (gkd_jax.teacher_cache): the teacher's top-k ids
+# [B, K, k], their log-probs [B, K, k] and the log tail mass [B, K] at the trained positions.
+CACHED_TEACHER = ("teacher_ids", "teacher_logp", "teacher_tail")
+
+
 # ---------------------------------------------------------------------------- forwards
 def hidden_and_head(model, view):
   """-> (h_BxKxD, W_DxV, softcap) at the view's trained positions."""
@@ -191,6 +196,23 @@ def divergence_sum(s, t, view, spec: LossSpec):
     logits(*t),
     tgt,
     m,
+    temperature=spec.temperature,
+    reduction=spec.reduction,
+  )
+  return total, aux
+
+
+def cached_divergence_sum(s, view, spec: LossSpec):
+  """``divergence_sum`` against the cached sparse teacher of the view (gkd_jax.sparse)."""
+  ids, logp, tail = (view[k] for k in CACHED_TEACHER)
+  total, _, aux = sparse.loss_sum(
+    spec.loss,
+    logits(*s),
+    ids,
+    logp,
+    tail,
+    view["targets"],
+    view["loss_mask"],
     temperature=spec.temperature,
     reduction=spec.reduction,
   )
@@ -306,11 +328,12 @@ def train_step(
     terms = {}
     total = 0.0
     t = t_lp = None
-    if use_div or (use_pg and spec.token_rkl_reward):
+    cached = CACHED_TEACHER[0] in mv  # the teacher's rows come from a cache: no forward
+    if not cached and (use_div or (use_pg and spec.token_rkl_reward)):
       teacher = nnx.merge(teacher_graphdef, teacher_params)
       t = jax.tree.map(jax.lax.stop_gradient, hidden_and_head(teacher, mv))
     if use_div:
-      d_sum, aux = divergence_sum(s, t, mv, spec)
+      d_sum, aux = cached_divergence_sum(s, mv, spec) if cached else divergence_sum(s, t, mv, spec)
       total += w_div * d_sum / n_div
       terms["divergence"] = d_sum
       terms.update({f"atkd/{a}": v for a, v in aux.items()})

@@ -33,6 +33,7 @@ from flax import nnx
 from gkd_jax import config as config_lib
 from gkd_jax import evaluation, files, models, rollout, sharding, steps
 from gkd_jax.models import base as models_base
+from gkd_jax.models import students
 
 log = logging.getLogger("gkd_jax")
 
@@ -114,6 +115,13 @@ def preflight(c) -> None:
         f"config.{key} = {path!r}: no such file, directory or model alias "
         f"({sorted(models.ALIASES)})"
       )
+  if c.teacher.cache:  # its metadata is read now; checked against the teacher once it loads
+    from gkd_jax import teacher_cache
+
+    try:
+      teacher_cache.Cache(c.teacher.cache)
+    except ValueError as e:
+      raise ValueError(f"config.teacher.cache = {c.teacher.cache!r}: {e}") from None
   if c.student.init == "prune":
     keep = list(c.student.keep_layers)
     bad = [i for i in keep if not isinstance(i, int) or isinstance(i, bool) or i < 0]
@@ -139,57 +147,6 @@ def make_mesh(c):
       f"fit the {n} available devices"
     )
   return sharding.make_mesh({"data": data, "fsdp": fsdp, "model": model})
-
-
-def build_student(c, teacher):
-  """The student of config ``c.student``: loaded, cut from the teacher's layers, or fresh; its
-  family (gkd_jax.models.base) says which inits it supports and how it is rebuilt."""
-  s = c.student
-  fam = models_base.family_of(teacher.cfg)
-  if s.init not in fam.student_inits:
-    raise ValueError(
-      f"config.student.init must be one of {fam.student_inits} for {fam.name} teachers "
-      f"(got {s.init!r})"
-    )
-  if s.init == "path":
-    student, _ = models.load(s.path, dtype=s.dtype, param_dtype=s.param_dtype)
-  elif s.init == "prune":
-    student = fam.converter().prune_layers(teacher, list(s.keep_layers))
-  else:
-    conv = fam.converter()
-    student = conv.fresh_model(conv.smaller_config(teacher.cfg, **dict(s.overrides)), c.seed)
-  sfam = models_base.family_of(student.cfg)
-  if sfam.builds_students:  # dtypes and remat from the config
-    cfg = dataclasses.replace(
-      student.cfg,
-      dtype=s.dtype,
-      param_dtype=s.param_dtype,
-      remat=s.remat,
-      scan_layers=s.scan_layers,
-    )
-    if cfg != student.cfg:
-      student = sfam.converter().with_config(student, cfg)
-  return student
-
-
-def check_pair(teacher, student, tokenizer, sample_dot_dtype=""):
-  tv, sv = teacher.cfg.vocab_size, student.cfg.vocab_size
-  if tv != sv:
-    raise ValueError(
-      f"teacher and student vocabularies differ ({tv} vs {sv}): token-level "
-      "distillation needs a shared vocabulary"
-    )
-  if models_base.is_encoder_decoder(teacher) != models_base.is_encoder_decoder(student):
-    raise ValueError("teacher and student must both be decoder-only or both encoder-decoder")
-  if tokenizer is not None and tokenizer.vocab_size > tv:
-    raise ValueError(
-      f"the tokenizer has {tokenizer.vocab_size} tokens but the models only {tv} logits"
-    )
-  if sample_dot_dtype and models_base.is_encoder_decoder(student):
-    raise ValueError(
-      f"gkd.sample_dot_dtype={sample_dot_dtype!r} is for decoder-only models; "
-      "set it to '' for encoder-decoder (T5) runs"
-    )
 
 
 class TrainState(NamedTuple):
@@ -233,8 +190,8 @@ class Trainer:
     )
     if self.tokenizer is None:
       raise ValueError(f"teacher {c.teacher.path!r} has no tokenizer files; the trainer needs one")
-    student = build_student(c, teacher)
-    check_pair(teacher, student, self.tokenizer, c.gkd.sample_dot_dtype)
+    student = students.build_student(c.student, teacher, c.seed)
+    students.check_pair(teacher, student, self.tokenizer, c.gkd.sample_dot_dtype)
     self.encdec = models_base.is_encoder_decoder(student)
     teacher_rules = sharding.make_rules(list(c.mesh.rules) + list(c.teacher.rules))
     sharding.shard_model(teacher, self.mesh, teacher_rules)
@@ -265,6 +222,13 @@ class Trainer:
     self.evaluator = evaluation.Evaluator(
       c, self.mesh, self.rules, self.tokenizer, self.encdec, self.teacher
     )
+    self.cache = None
+    if c.teacher.cache:
+      from gkd_jax import teacher_cache
+
+      self.cache = teacher_cache.Cache(c.teacher.cache)
+      want = teacher_cache.expected_meta(c, self.teacher_path or c.teacher.path, self.tokenizer)
+      teacher_cache.check_meta(self.cache.meta, want, c.teacher.cache)
     return TrainState(params, opt_state, 0, jax.random.PRNGKey(c.seed))
 
   def student(self, state):
@@ -377,8 +341,13 @@ class Trainer:
 
   # -- one step -----------------------------------------------------------------------
   def train_step(self, state, batch):
-    """One update on a placed dataset batch -> (new state, metrics, the rollout)."""
+    """One update on a host-local dataset batch -> (new state, metrics, the rollout). With a
+    teacher cache, a dataset step's batch gets the cache's rows (host-side, before placing)."""
     warm = state.step < self.config.train.sft_warmup_steps
+    if self.cache is not None and self.rollout.source(state.step, warm) == "dataset":
+      targets = batch["decoder_targets" if self.encdec else "target_tokens"]
+      batch = {**batch, **self.cache.rows(batch["example_ids"], targets)}
+    batch = self.place(batch)
     r = self.rollout(batch, state.step, self.student(state), self.teacher, state.rng, warm)
     spec = dataclasses.replace(self.spec, mode="sft") if warm else self.spec
     params, opt_state, metrics = self._step_fn(
@@ -670,7 +639,7 @@ def _run(c, workdir, teacher_path, summary, stage) -> dict:
   try:
     batches = tr.train_batches(start)
     for step in range(start, c.train.steps):
-      state, metrics, rolled = tr.train_step(state, tr.place(next(batches)))
+      state, metrics, rolled = tr.train_step(state, next(batches))
       source = rolled.source
       if not math.isnan(rolled.reward):  # the newest sequence reward (RL + GKD)
         reward = rolled.reward

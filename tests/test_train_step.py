@@ -11,7 +11,7 @@ from flax import nnx
 from gkd_jax import config as config_lib
 from gkd_jax import divergences as dv
 from gkd_jax import losses as loss_lib
-from gkd_jax import rollout, sampling, sharding, steps, train
+from gkd_jax import rollout, sampling, sharding, steps
 from gkd_jax.models.llama import Llama, LlamaConfig
 
 TEACHER = LlamaConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8,

@@ -16,6 +16,8 @@ Encoder-decoder batch (S = bucketed input length, T = bucketed target length):
   decoder_targets [B, T]  targets (EOS included), right-padded;     decoder_mask [B, T]
   prompt_tokens   [B, S]  = encoder_tokens;  prompt_lengths [B];  target_lengths [B]
 Rows past the end of the data (a last partial batch) are all padding with zero masks and lengths.
+The pipeline's batches also hold example_ids [B] int32: each row's index among the split's
+examples (load_examples' order), -1 on padding rows (a teacher cache is looked up by it).
 """
 
 from __future__ import annotations

@@ -279,7 +279,7 @@ def _batches(
     prompts = [e["prompt"] for e in rows] + empty
     targets = [e["target"] for e in rows] + empty
     if model_kind == "encdec":
-      yield batching.encdec_batch(
+      batch = batching.encdec_batch(
         prompts,
         targets,
         pad_id=pad_id,
@@ -288,9 +288,11 @@ def _batches(
         decoder_start_id=decoder_start_id,
       )
     else:
-      yield batching.decoder_batch(
+      batch = batching.decoder_batch(
         prompts, targets, pad_id=pad_id, prompt_len=prompt_len, target_len=target_len
       )
+    batch["example_ids"] = np.concatenate([mine, np.full(len(empty), -1)]).astype(np.int32)
+    yield batch
     step += 1
 
 
