@@ -137,6 +137,7 @@ NEUTRAL = {
   ("student", "scan_layers"): False,
   ("teacher", "cache"): "",
   ("teacher", "live"): True,
+  ("data", "tokenized_dir"): "",
 }
 
 

@@ -66,6 +66,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.source = ""  # "" = the task's default (local files when present), "tfds", "local"
   c.data.data_dir = ""
   c.data.paths = ml_collections.ConfigDict()  # split -> file path overrides
+  # Tokenized examples, read with NumPy alone when this directory holds the file of the run's
+  # data settings, else written there (gkd_jax.data.tokenized): TF-free hosts read them.
+  c.data.tokenized_dir = ""
   c.data.train_split = "train"
   c.data.eval_split = "validation"
   c.data.prompt_format = "chat"  # "chat" (instruct decoder) or "t5" (prefixes)

@@ -64,16 +64,6 @@ def teacher_fingerprint(path: str) -> str:
   return h.hexdigest()[:16]
 
 
-_PROBE = "The quick brown fox, 12 345 Ärger; 東京 #### 7 <|im_end|>"
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-  """vocab size, special ids and the ids of a fixed probe text."""
-  ids = tokenizer.encode(_PROBE)
-  doc = json.dumps([tokenizer.vocab_size, tokenizer.eos_id, tokenizer.pad_id, list(map(int, ids))])
-  return hashlib.sha256(doc.encode()).hexdigest()[:16]
-
-
 def data_settings(c) -> dict:
   """The data settings a cache depends on (the example set and its token ids)."""
   d = c.data
@@ -95,7 +85,7 @@ def expected_meta(c, teacher_path, tokenizer) -> dict:
     "format": FORMAT,
     "temperature": float(c.gkd.loss_temperature),
     "teacher": teacher_fingerprint(teacher_path),
-    "tokenizer": tokenizer_fingerprint(tokenizer),
+    "tokenizer": tokenizer.fingerprint(),
     "data": data_settings(c),
   }
 

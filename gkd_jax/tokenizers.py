@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 
 from gkd_jax import files
 
+_PROBE = "The quick brown fox, 12 345 Ärger; 東京 #### 7 <|im_end|>"
+
 # Used when a tokenizer has no chat template of its own (SmolLM2's format, without its system prompt).
 CHATML_TEMPLATE = (
   "{% for message in messages %}"
@@ -201,6 +203,15 @@ class Tokenizer:
       if self._sp
       else self.backend.get_vocab_size(with_added_tokens=True)
     )
+
+  def fingerprint(self) -> str:
+    """A hash of the vocabulary size, the special ids and the ids of a fixed probe text: the
+    same tokenizer gives the same value on any machine (caches record it)."""
+    import hashlib
+
+    ids = [int(i) for i in self.encode(_PROBE)]
+    doc = json.dumps([self.vocab_size, self.eos_id, self.pad_id, ids])
+    return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
   def id_to_token(self, i):
     return self.backend.id_to_piece(i) if self._sp else self.backend.id_to_token(i)

@@ -49,6 +49,8 @@ RESULT_FREE = (
   "data.eval_split",
   "data.data_dir",
   "data.paths",
+  "data.tokenized_dir",
+  "teacher.live",
   "teacher.sft.dir",
   "teacher.sft.zero_shot_eval",
   "train.log_every",
@@ -394,6 +396,7 @@ def teacher_sft_config(c) -> ml_collections.ConfigDict:
   s.student.init, s.student.path = "path", c.teacher.path
   s.student.dtype, s.student.param_dtype = c.teacher.dtype, c.teacher.param_dtype
   s.teacher.sft.steps, s.teacher.sft.dir = 0, ""
+  s.teacher.cache, s.teacher.live = "", True  # the stage trains the teacher itself
   s.optim.lr = c.teacher.sft.lr
   s.train.steps, s.train.sft_warmup_steps, s.train.eval_every = c.teacher.sft.steps, 0, 0
   s.train.export_hf = True

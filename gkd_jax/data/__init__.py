@@ -43,6 +43,7 @@ def config_kwargs(d, tokenizer, encoder_decoder: bool) -> dict:
     max_prompt_len=d.max_prompt_len,
     max_target_len=d.max_target_len,
     overlong=d.overlong,
+    tokenized_dir=d.tokenized_dir or None,
   )
 
 

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import sys
 
 import numpy as np
 
-from gkd_jax.data import batching, tasks
+from gkd_jax.data import batching, tasks, tokenized
 
 log = logging.getLogger("gkd_jax.data")
 _CACHE: dict = {}
@@ -73,12 +74,34 @@ _TASK_ARGS = (
 )
 
 
-def _load(task_name, split, ex):
-  """(vocabulary, examples) for ``example_args`` ``ex``; its task arguments go to
-  seqio_tasks.get_task."""
-  task_kwargs = {k: ex[k] for k in _TASK_ARGS}
-  max_prompt_len, max_target_len = ex["max_prompt_len"], ex["max_target_len"]
-  overlong, add_bos, max_examples = ex["overlong"], ex["add_bos"], ex["max_examples"]
+def _load(task_name, split, args):
+  """(pad id, examples) for ``example_args`` ``args``: from the tokenized file of these
+  settings under ``args["tokenized_dir"]`` when there is one (NumPy only), else through seqio
+  (then written there, when a tokenized_dir is given)."""
+  d = args["tokenized_dir"]
+  path = tokenized.path(d, task_name, split, args) if d else None
+  if path and os.path.isfile(path):
+    return tokenized.read(path)
+  try:
+    vocab, out = _load_seqio(task_name, split, args)
+  except ImportError as e:
+    if path is None:
+      raise
+    raise ValueError(
+      f"{task_name}/{split}: no tokenized examples for these settings at {path}, and seqio/"
+      f"TensorFlow cannot load here ({e}); write them with any run of the same data settings "
+      "on a machine with seqio"
+    ) from None
+  if path:
+    tokenized.write(path, vocab.pad_id, out)
+  return vocab.pad_id, out
+
+
+def _load_seqio(task_name, split, args):
+  """(vocabulary, examples) through seqio; the task arguments go to seqio_tasks.get_task."""
+  task_kwargs = {k: args[k] for k in _TASK_ARGS}
+  max_prompt_len, max_target_len = args["max_prompt_len"], args["max_target_len"]
+  overlong, add_bos, max_examples = args["overlong"], args["add_bos"], args["max_examples"]
   spec = tasks.get_spec(task_name)  # unknown names fail here, before TensorFlow loads
   if overlong not in batching.OVERLONG:
     raise ValueError(f"overlong={overlong!r}; expected one of {list(batching.OVERLONG)}")
@@ -161,6 +184,7 @@ def load_examples(
   overlong="truncate",
   add_bos=False,
   max_examples=None,
+  tokenized_dir=None,
 ) -> list[dict]:
   """The split's examples after filtering: [{"prompt": int32 [p], "target": int32 [t], "prompt_text",
   "target_text", "references": [str]}] in source order. Cached per configuration in this process.
@@ -168,6 +192,8 @@ def load_examples(
   Prompts hold at most max_prompt_len ids (BOS first if add_bos), targets at most max_target_len
   (EOS last). overlong="truncate" keeps a prompt's head plus its format tail (the chat generation
   prompt / T5 EOS) and a target's head plus EOS; "drop" drops the example.
+  tokenized_dir: a directory of tokenized example files (gkd_jax.data.tokenized): read with
+  NumPy alone when it holds these settings' file, else written there after seqio made them.
   """
   return _load(task_name, split, example_args(locals()))[1]
 
@@ -223,10 +249,10 @@ def get_dataset(
   """
   shard_index, num_shards = _default_shards(shard_index, num_shards)
   ex = example_args(example_kw)
-  vocab, examples = _load(task_name, split, ex)
+  pad_id, examples = _load(task_name, split, ex)
   return _batches(
     examples,
-    pad_id=vocab.pad_id,
+    pad_id=pad_id,
     model_kind=ex["model_kind"],
     batch_size=batch_size,
     seed=seed,
