@@ -333,7 +333,6 @@ def validate(config) -> ml_collections.ConfigDict:
   ):
     positive(k, zero=True)
   if config.teacher.cache:
-    need("gkd.fused", not config.gkd.fused, "False with teacher.cache (no fused cached path yet)")
     need("mode", config.mode == "gkd", "'gkd' with teacher.cache")
   if not config.teacher.live:
     need("teacher.cache", bool(config.teacher.cache), "a cache directory when teacher.live=False")

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from gkd_jax import divergences as dv
-from gkd_jax import losses
+from gkd_jax import losses, sparse
 
 
 def _logits(h_CxD, w_DxV, cap):
@@ -163,8 +163,120 @@ def fused_loss(
   )
   temperature = dv.check_temperature(temperature)
   dv.check_vocab_size(vocab_size, student_head.shape[1])
-  teacher_hidden = jax.lax.stop_gradient(teacher_hidden)
-  teacher_head = jax.lax.stop_gradient(teacher_head)
+  at_t = {"temperature": temperature, "vocab_size": vocab_size}
+
+  def teacher_u(ht_c, wt, tgt_c):
+    return loss.uncertainty(_logits(ht_c, wt, teacher_softcap), tgt_c, **at_t)
+
+  def terms_fn(hs_c, ws_, ht_c, wt, tgt_c):
+    s_logits = _logits(hs_c, ws_, student_softcap)
+    t_logits = _logits(ht_c, wt, teacher_softcap)
+    return jnp.stack(loss.terms(s_logits, t_logits, tgt_c, **at_t), axis=-1)
+
+  return _chunked(
+    loss,
+    terms_fn,
+    teacher_u,
+    student_hidden,
+    student_head,
+    teacher_hidden,
+    teacher_head,
+    mask,
+    targets,
+    reduction,
+    chunk_size,
+  )
+
+
+def fused_cached_loss(
+  student_hidden,
+  student_head,
+  teacher_ids,
+  teacher_logp,
+  teacher_tail,
+  mask,
+  targets=None,
+  *,
+  loss,
+  temperature=1.0,
+  vocab_size=None,
+  reduction="token",
+  student_softcap=None,
+  chunk_size=1024,
+):
+  """``fused_loss`` against a cached sparse teacher (``gkd_jax.sparse``): the teacher's top-k
+  ids ``[..., k]``, log-probs ``[..., k]`` and log tail mass ``[...]`` instead of its hidden
+  states and head. Equals ``sparse.loss_sum``; peak memory O(chunk_size * V) as fused_loss."""
+  if tuple(teacher_ids.shape[:-1]) != tuple(mask.shape) or teacher_ids.shape != teacher_logp.shape:
+    raise ValueError(
+      f"teacher_ids {tuple(teacher_ids.shape)} and teacher_logp {tuple(teacher_logp.shape)} "
+      f"must be [..., k] over the mask's tokens {tuple(mask.shape)}"
+    )
+  k = teacher_ids.shape[-1]
+  # the teacher's rows ride in the scan as one float array: ids (exact below 2**24), log-probs,
+  # tail; the fused kernel's teacher head is a dummy
+  packed = jnp.concatenate(
+    [
+      teacher_ids.astype(jnp.float32),
+      teacher_logp.astype(jnp.float32),
+      teacher_tail.astype(jnp.float32)[..., None],
+    ],
+    axis=-1,
+  )
+  temperature = dv.check_temperature(temperature)
+  dv.check_vocab_size(vocab_size, student_head.shape[1])
+
+  def unpack(t_c, tgt_c):
+    ids = t_c[:, :k].astype(jnp.int32)
+    lt = sparse.teacher_buckets(t_c[:, k : 2 * k], t_c[:, 2 * k])
+    return ids, lt, sparse.target_buckets(ids, tgt_c)
+
+  def teacher_u(t_c, wt, tgt_c):
+    del wt
+    _, lt, tb = unpack(t_c, tgt_c)
+    return loss.uncertainty(lt, tb, temperature=1.0)
+
+  def terms_fn(hs_c, ws_, t_c, wt, tgt_c):
+    del wt
+    ids, lt, tb = unpack(t_c, tgt_c)
+    ls = sparse.student_buckets(
+      _logits(hs_c, ws_, student_softcap), ids, temperature=temperature, vocab_size=vocab_size
+    )
+    return jnp.stack(loss.terms(ls, lt, tb, temperature=1.0), axis=-1)
+
+  dummy = jnp.zeros((packed.shape[-1], 1), jnp.float32)
+  return _chunked(
+    loss,
+    terms_fn,
+    teacher_u,
+    student_hidden,
+    student_head,
+    packed,
+    dummy,
+    mask,
+    targets,
+    reduction,
+    chunk_size,
+  )
+
+
+def _chunked(
+  loss,
+  terms_fn,
+  teacher_u,
+  student_hidden,
+  student_head,
+  teacher_x,
+  teacher_w,
+  mask,
+  targets,
+  reduction,
+  chunk_size,
+):
+  """The chunked loss: ``teacher_u(t_c, W_t, tgt_c)`` pre-pass (losses that need the teacher's
+  uncertainty), the loss's weights, then ``terms_fn`` per chunk under the fused custom VJP."""
+  teacher_x = jax.lax.stop_gradient(teacher_x)
+  teacher_w = jax.lax.stop_gradient(teacher_w)
   tok_shape = mask.shape
   n = mask.size
   chunk = min(chunk_size, n)
@@ -173,25 +285,19 @@ def fused_loss(
   flat = lambda x: jnp.pad(
     x.reshape((n,) + x.shape[len(tok_shape) :]), [(0, pad)] + [(0, 0)] * (x.ndim - len(tok_shape))
   )
-  hs, ht = flat(student_hidden), flat(teacher_hidden)
+  hs, ht = flat(student_hidden), flat(teacher_x)
   tgt = flat(jnp.zeros(tok_shape, jnp.int32) if targets is None else targets.astype(jnp.int32))
-  at_t = {"temperature": temperature, "vocab_size": vocab_size}
 
   u = None
   if loss.needs_uncertainty:  # pre-pass: the teacher's uncertainty decides the weights
 
-    def teacher_u(_, x):
+    def pre(_, x):
       ht_c, tgt_c = x
-      return None, loss.uncertainty(_logits(ht_c, teacher_head, teacher_softcap), tgt_c, **at_t)
+      return None, teacher_u(ht_c, teacher_w, tgt_c)
 
-    _, u = jax.lax.scan(teacher_u, None, (_chunks(ht, n_chunks), _chunks(tgt, n_chunks)))
+    _, u = jax.lax.scan(pre, None, (_chunks(ht, n_chunks), _chunks(tgt, n_chunks)))
     u = jax.lax.stop_gradient(u.reshape(-1)[:n].reshape(tok_shape))
   ws, count, hard = loss.weights(mask, reduction, u)
-
-  def terms_fn(hs_c, ws_, ht_c, wt, tgt_c):
-    s_logits = _logits(hs_c, ws_, student_softcap)
-    t_logits = _logits(ht_c, wt, teacher_softcap)
-    return jnp.stack(loss.terms(s_logits, t_logits, tgt_c, **at_t), axis=-1)
 
   m = mask.astype(jnp.float32)
   total, msum = _fused(
@@ -200,7 +306,7 @@ def fused_loss(
     hs,
     student_head,
     ht,
-    teacher_head,
+    teacher_w,
     tgt,
     jnp.stack([flat(w) for w in ws], axis=-1),
     flat(m) if not loss.per_token else jnp.zeros((n + pad,), jnp.float32),

@@ -25,7 +25,7 @@ from flax import nnx
 
 from gkd_jax import divergences as dv
 from gkd_jax import losses, sparse
-from gkd_jax.fused import fused_loss
+from gkd_jax.fused import fused_cached_loss, fused_loss
 from gkd_jax.models import base
 
 
@@ -205,6 +205,22 @@ def divergence_sum(s, t, view, spec: LossSpec):
 def cached_divergence_sum(s, view, spec: LossSpec):
   """``divergence_sum`` against the cached sparse teacher of the view (gkd_jax.sparse)."""
   ids, logp, tail = (view[k] for k in CACHED_TEACHER)
+  if spec.fused:
+    loss, aux = fused_cached_loss(
+      s[0],
+      s[1],
+      ids,
+      logp,
+      tail,
+      view["loss_mask"],
+      view["targets"],
+      loss=spec.loss,
+      temperature=spec.temperature,
+      reduction=spec.reduction,
+      student_softcap=s[2],
+      chunk_size=spec.chunk_size,
+    )
+    return (aux["sum"], {}) if spec.loss.per_token else (loss, aux)
   total, _, aux = sparse.loss_sum(
     spec.loss,
     logits(*s),

@@ -79,3 +79,33 @@ def test_the_target_is_always_kept_and_atkd_uses_its_bucket():
   np.testing.assert_allclose(aux["uncertainty"], full["uncertainty"], rtol=1e-5)
   # a target outside the kept ids falls in the tail bucket (K)
   assert int(sparse.target_buckets(ids[:1, :1], jnp.asarray([[V]]))[0, 0]) == 4
+
+
+@pytest.mark.parametrize("name,params", [("fkl", {}), ("jsd", {"beta": 0.1}), ("tvd", {}),
+                                         ("atkd", {}), ("atkd", {"base": "rkl"})])
+@pytest.mark.parametrize("reduction", ["token", "sequence"])
+def test_fused_cached_equals_unfused_with_gradients(name, params, reduction):
+  import jax
+  from gkd_jax.fused import fused_cached_loss
+  r = np.random.default_rng(7)
+  hs = jnp.asarray(r.standard_normal((2, 7, 16)), jnp.float32)
+  ws = jnp.asarray(r.standard_normal((16, V)) * 0.5, jnp.float32)
+  t = _logits(8, (2, 7, V))
+  tgt = jnp.asarray(r.integers(0, V, (2, 7)), jnp.int32)
+  mask = jnp.asarray(r.random((2, 7)) < 0.8, jnp.float32)
+  ids, logp, tail = sparse.top_k(t, 6, temperature=1.3, always=tgt)
+  loss = losses.get(name, **params)
+
+  def unfused(hs, ws):
+    total, count, _ = sparse.loss_sum(loss, hs @ ws, ids, logp, tail, tgt, mask, temperature=1.3,
+                                      reduction=reduction)
+    return total / jnp.maximum(count, 1.0) if loss.per_token else total
+
+  def fused(hs, ws):
+    return fused_cached_loss(hs, ws, ids, logp, tail, mask, tgt, loss=loss, temperature=1.3,
+                             reduction=reduction, chunk_size=4)[0]
+
+  (a, ga), (b, gb) = (jax.value_and_grad(f, argnums=(0, 1))(hs, ws) for f in (unfused, fused))
+  np.testing.assert_allclose(b, a, rtol=2e-5, atol=1e-6)
+  for x, y in zip(ga, gb):
+    np.testing.assert_allclose(y, x, rtol=2e-4, atol=1e-6)

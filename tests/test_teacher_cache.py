@@ -132,6 +132,12 @@ def test_trainer_with_a_full_cache_trains_like_the_live_teacher(small, tmp_path,
   for a, b in zip(lines(tmp_path / "live"), lines(tmp_path / "cached"), strict=True):
     np.testing.assert_allclose(b["train/loss"], a["train/loss"], rtol=1e-4)
     np.testing.assert_allclose(b["train/divergence"], a["train/divergence"], rtol=1e-4)
+  # the fused chunked head + loss reads the cache too
+  fused = train.run(make(**overrides, **{"teacher.cache": cdir, "gkd.fused": True,
+                                         "gkd.chunk_size": 16}), str(tmp_path / "fused"))
+  assert fused["status"] == "done"
+  for a, b in zip(lines(tmp_path / "live"), lines(tmp_path / "fused"), strict=True):
+    np.testing.assert_allclose(b["train/loss"], a["train/loss"], rtol=1e-3, atol=1e-6)
 
 
 def test_a_cache_for_another_setting_is_refused_naming_it(small, tmp_path, tiny_dirs):
