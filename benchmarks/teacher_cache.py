@@ -42,24 +42,17 @@ def main():
   a = ap.parse_args()
   ks = [int(x) for x in a.k.split(",")]
 
-  import jax.numpy as jnp
   import numpy as np
 
   from configs import demo
-  from gkd_jax import data, steps
-  from gkd_jax.data import batching
+  from gkd_jax import steps
   from gkd_jax.models import load
   from gkd_jax.models.convert_llama import prune_layers
 
   c = demo.get_config()
   teacher, tok = load(c.teacher.path)
   student = prune_layers(teacher, list(c.student.keep_layers))
-  ex = data.load_examples("xsum", "validation", max_examples=a.examples,
-                          **data.config_kwargs(c.data, tok, False))
-  b = batching.decoder_batch([e["prompt"] for e in ex], [e["target"] for e in ex],
-                             pad_id=tok.pad_id, prompt_len=c.data.max_prompt_len,
-                             target_len=c.data.max_target_len)
-  view = steps.batch_view({k: jnp.asarray(v) for k, v in b.items()}, False, tok.pad_id)
+  ex, view = xsum_view(c, tok, "validation", a.examples)
   s_logits = steps.logits(*steps.hidden_and_head(student, view))
   t_logits = steps.logits(*steps.hidden_and_head(teacher, view))
   m = np.asarray(view["loss_mask"]) > 0
@@ -70,6 +63,20 @@ def main():
     gap_table(s_logits, t_logits, m, ks)
   bytes_table(ks, t_logits.shape[-1])
   step_table(c, teacher, student, tok, a)
+
+
+def xsum_view(c, tok, split, n):
+  """(examples, the teacher-forced view) of the first n XSum pairs of a split."""
+  import jax.numpy as jnp
+
+  from gkd_jax import data, steps
+  from gkd_jax.data import batching
+
+  ex = data.load_examples("xsum", split, max_examples=n, **data.config_kwargs(c.data, tok, False))
+  b = batching.decoder_batch([e["prompt"] for e in ex], [e["target"] for e in ex],
+                             pad_id=tok.pad_id, prompt_len=c.data.max_prompt_len,
+                             target_len=c.data.max_target_len)
+  return ex, steps.batch_view({k: jnp.asarray(v) for k, v in b.items()}, False, tok.pad_id)
 
 
 def gap_table(s_logits, t_logits, m, ks):
@@ -111,15 +118,9 @@ def step_table(c, teacher, student, tok, a):
   import jax.numpy as jnp
   from flax import nnx
 
-  from gkd_jax import data, sparse, steps
-  from gkd_jax.data import batching
+  from gkd_jax import sparse, steps
 
-  ex = data.load_examples("xsum", "train", max_examples=a.batch,
-                          **data.config_kwargs(c.data, tok, False))
-  b = batching.decoder_batch([e["prompt"] for e in ex], [e["target"] for e in ex],
-                             pad_id=tok.pad_id, prompt_len=c.data.max_prompt_len,
-                             target_len=c.data.max_target_len)
-  view = steps.batch_view({k: jnp.asarray(v) for k, v in b.items()}, False, tok.pad_id)
+  _, view = xsum_view(c, tok, "train", a.batch)
   t = steps.logits(*steps.hidden_and_head(teacher, view))
   ids, logp, tail = sparse.top_k(t, a.step_k, always=view["targets"])
   cached = {**view, "teacher_ids": ids, "teacher_logp": logp, "teacher_tail": tail}

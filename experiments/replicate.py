@@ -329,14 +329,11 @@ def plot(grid, rows, path, metric):
 
 
 def load_grid(spec):
-  import importlib.util
-  path, _, arg = spec.partition(":")
+  from gkd_jax import config as config_lib
+  path = spec.partition(":")[0]
   if not os.path.isfile(path):
     raise SystemExit(f"--grid {path!r} does not exist")
-  mod_spec = importlib.util.spec_from_file_location("grid_config", path)
-  mod = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(mod)
-  return mod.get_config(arg) if arg else mod.get_config()
+  return config_lib.from_file(spec)
 
 
 def stage_rows(out, results=None):

@@ -183,6 +183,21 @@ def flatten(d, prefix="") -> dict:
   return out
 
 
+def from_file(spec: str):
+  """``path/NAME.py[:ARG]`` -> the file's ``get_config(ARG)`` (``get_config()`` without ARG);
+  ValueError when the file does not exist."""
+  import importlib.util
+  import os
+
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ValueError(f"--config {path!r} does not exist")
+  module_spec = importlib.util.spec_from_file_location("_gkd_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
 def with_defaults(recorded: dict) -> dict:
   """A recorded config (a run's config.json) with the keys it lacks, those added to the schema
   after it was written, at their defaults: a new key's default keeps the old behaviour."""

@@ -101,15 +101,7 @@ def typed(config, pairs):
 def load_config(spec: str, args=()):
   """``configs/NAME.py[:ARG]`` -> its ``get_config([ARG])`` with ``--config.KEY=VALUE`` args
   applied (for tools other than the trainer's CLI); ValueError naming a bad file or key."""
-  import importlib.util
-
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise ValueError(f"--config {path!r} does not exist")
-  module_spec = importlib.util.spec_from_file_location("_gkd_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config(arg) if arg else module.get_config()
+  config = config_lib.from_file(spec)
   rest, pairs = take_overrides(list(args))
   if rest:
     raise ValueError(f"unexpected arguments: {rest}")

@@ -20,20 +20,6 @@ import os
 import numpy as np
 
 FORMAT = 1
-_SETTINGS = (
-  "model_kind",
-  "prompt_format",
-  "source",
-  "data_dir",
-  "paths",
-  "tfds_name",
-  "tfds_data_dir",
-  "max_prompt_len",
-  "max_target_len",
-  "overlong",
-  "add_bos",
-  "max_examples",
-)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -53,7 +39,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def path(directory: str, task_name: str, split: str, args: dict) -> str:
   """The file of these example settings (``pipeline.example_args``) under ``directory``."""
-  doc = {k: args[k] for k in _SETTINGS}
+  doc = {k: v for k, v in args.items() if k not in ("tokenizer", "tokenized_dir")}
   doc.update(
     format=FORMAT, task=task_name, split=split, tokenizer=tokenizer_fingerprint(args["tokenizer"])
   )
