@@ -7,12 +7,18 @@
   plot(workdir)            workdir/curves.png: training losses and each "eval/" metric vs step
   Progress(total_steps)    one-line step/total, loss, tokens/s and ETA (tqdm if installed)
 
+The workdir may be a URL (gs://bucket/run; files go through `gkd_jax.files`, i.e. etils.epath). An
+object store cannot append: there metrics.jsonl and the events file are kept in memory and each
+write uploads the whole file again (one atomic object write), so what is in the bucket is always
+a whole file up to the last row written. Locally both are appended to.
+
 Light to import: standard library only. TensorBoard events are written with `tensorboard`'s
 record framing and protos (no TensorFlow); matplotlib loads inside `plot`.
 """
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import math
@@ -22,9 +28,41 @@ import sys
 import time
 import warnings
 
+from gkd_jax import files
+
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
 _FILE_IDS = itertools.count()
+
+
+class _WholeObject:
+  """A write-only file for an object store: kept in memory, each ``flush`` writes it whole."""
+
+  def __init__(self, path, data: bytes = b""):
+    self.path, self._data, self.closed = path, bytearray(data), False
+
+  def write(self, data) -> None:
+    self._data += data.encode("utf-8") if isinstance(data, str) else data
+
+  def tell(self) -> int:
+    return len(self._data)
+
+  def flush(self) -> None:
+    files.path(self.path).write_bytes(bytes(self._data))
+
+  def close(self) -> None:
+    if not self.closed:
+      self.flush()
+      self.closed = True
+
+
+def _open_append(path, binary: bool = False):
+  """``path`` opened to append: locally a file; on an object store a ``_WholeObject`` holding
+  what is there now."""
+  if files.is_local(path):
+    return files.path(path).open("ab" if binary else "a")
+  p = files.path(path)
+  return _WholeObject(path, p.read_bytes() if p.exists() else b"")
 
 
 class _EventWriter:
@@ -40,13 +78,13 @@ class _EventWriter:
         "(pip install tensorboard) or pass tensorboard=False"
       ) from e
     self._event, self._summary = event_pb2.Event, summary_pb2.Summary
-    os.makedirs(logdir, exist_ok=True)
+    files.path(logdir).mkdir(parents=True, exist_ok=True)
     name = (
       f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}"
       f".{os.getpid()}.{next(_FILE_IDS)}"
     )
     self.path = os.path.join(logdir, name)
-    self._records = RecordWriter(open(self.path, "wb"))
+    self._records = RecordWriter(_open_append(self.path, binary=True))
     self._write(self._event(wall_time=time.time(), file_version="brain.Event:2"))
 
   def _write(self, event):
@@ -65,7 +103,8 @@ class _EventWriter:
 
 
 class MetricsLogger:
-  """Appends metrics to ``workdir/metrics.jsonl`` and TensorBoard events under ``workdir/tb/``."""
+  """Appends metrics to ``workdir/metrics.jsonl`` and TensorBoard events under ``workdir/tb/``
+  (on gs:// each write rewrites the file whole: see the module docstring)."""
 
   def __init__(
     self,
@@ -82,18 +121,13 @@ class MetricsLogger:
     self._file = self._tb = None
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    if keep_until is not None and os.path.isfile(self.path):
+    files.path(workdir).mkdir(parents=True, exist_ok=True)
+    if keep_until is not None and files.path(self.path).is_file():
       kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= keep_until]
-      with open(self.path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-      os.replace(self.path + ".tmp", self.path)
-    self._file = open(self.path, "a", encoding="utf-8")
-    if self._file.tell() > 0:  # resuming: end a line a killed run left cut short
-      with open(self.path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        if f.read(1) != b"\n":
-          self._file.write("\n")
+      files.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+    self._file = _open_append(self.path)
+    if self._file.tell() > 0 and _last_byte(self.path) != b"\n":
+      self._file.write("\n")  # resuming: end a line a killed run left cut short
     if tensorboard:
       self._tb = _EventWriter(os.path.join(workdir, TB_DIR))
 
@@ -129,11 +163,16 @@ class MetricsLogger:
     self.close()
 
 
+def _last_byte(path) -> bytes:
+  with files.path(path).open("rb") as f:
+    f.seek(-1, os.SEEK_END)
+    return f.read(1)
+
+
 def read_metrics(workdir: str) -> list[dict]:
   """The rows of ``workdir/metrics.jsonl`` in file order; lines that do not parse are skipped."""
   rows, bad = [], []
-  with open(os.path.join(workdir, METRICS_FILE), encoding="utf-8") as f:
-    lines = f.read().split("\n")
+  lines = files.read_text(os.path.join(workdir, METRICS_FILE)).split("\n")
   for i, line in enumerate(lines):
     if not line.strip():
       continue
@@ -189,8 +228,10 @@ def plot(workdir: str, out_png: str | None = None) -> str:
     ax.axis("off")
   fig.tight_layout()
   out_png = out_png or os.path.join(workdir, "curves.png")
-  fig.savefig(out_png, dpi=100)
+  buf = io.BytesIO()
+  fig.savefig(buf, format=os.path.splitext(out_png)[1][1:] or "png", dpi=100)
   plt.close(fig)
+  files.write_bytes(out_png, buf.getvalue())
   return out_png
 
 

