@@ -23,8 +23,8 @@
 #   --workdir DIR            run directory on the workers (run, fetch, all); relative = under
 #                            ~/gkd_jax. On a multi-host slice it must be ONE directory every worker
 #                            sees (NFS/Filestore or a gcsfuse mount): orbax checkpoints are written
-#                            by all workers together. gs:// URLs are not accepted (the trainer
-#                            writes through local file APIs).
+#                            by all workers together. A gs://BUCKET/PATH URL works too (the trainer
+#                            writes there through etils.epath; `fetch` copies it with gcloud storage).
 #   --python PY              Python >= 3.11 on the workers (python3.11; apt-installed if missing)
 #   --spot                   create a Spot TPU
 #   --keep                   `all` leaves the slice running
@@ -128,8 +128,10 @@ if has run; then
 fi
 if has run fetch; then
   [[ -n "$workdir" ]] || die "'$cmd' needs --workdir DIR (the run directory on the workers)"
-  [[ "$workdir" != gs://* ]] ||
-    die "--workdir '$workdir': gs:// is not supported (the trainer writes with local file APIs); mount the bucket (gcsfuse) or use a shared filesystem and pass its path"
+  if [[ "$workdir" == gs://* ]]; then  # the trainer writes there through etils.epath
+    [[ "$workdir" =~ ^gs://[a-z0-9][a-z0-9._-]*[a-z0-9](/.*)?$ ]] ||
+      die "--workdir '$workdir': not a gs://BUCKET/PATH URL"
+  fi
 fi
 jax_version="$(sed -n 's/^jax==//p' "$root/requirements.txt")"
 [[ -n "$jax_version" ]] || die "no 'jax==VERSION' pin in $root/requirements.txt"
@@ -171,7 +173,7 @@ do_create() {
 }
 
 do_setup() {
-  run tar -czf "$tarball" -C "$root" --exclude=./.git --exclude=./.venv --exclude=./runs \
+  run tar -czf "$tarball" -C "$root" --exclude=./.git --exclude='./.venv*' --exclude=./.whl --exclude=./runs \
       --exclude=__pycache__ --exclude=.pytest_cache --exclude='*.egg-info' .
   run gcloud compute tpus tpu-vm scp "$tarball" "$name:$remote_dir.tgz" "${at[@]}" --worker=all
   local py
@@ -197,8 +199,12 @@ do_logs() {
 
 do_fetch() {
   local src="$workdir" dest="${fetch_to:-$root/runs/$name}"
-  [[ "$src" == /* ]] || src="$remote_dir/$src"
   run mkdir -p "$dest"
+  if [[ "$src" == gs://* ]]; then  # the workers wrote to the bucket: copy from there
+    run gcloud storage cp --recursive "$src" "$dest"
+    return
+  fi
+  [[ "$src" == /* ]] || src="$remote_dir/$src"
   run gcloud compute tpus tpu-vm scp --recurse "$name:$src" "$dest" "${at[@]}" --worker=0
 }
 

@@ -123,7 +123,7 @@ BAD = {
     "bad zone": (GOOD[:4] + ["--zone", "uscentral"] + GOOD[6:], "create", {}, "invalid --zone 'uscentral'"),
     "bad accelerator": (GOOD[:6] + ["--accelerator-type", "tpu-32"] + GOOD[8:], "create", {},
                         "invalid --accelerator-type 'tpu-32'"),
-    "gs workdir": (GOOD[:10] + ["--workdir", "gs://bucket/run"], "run", {}, "gs:// is not supported"),
+    "bad gs workdir": (GOOD[:10] + ["--workdir", "gs://Bucket"], "run", {}, "not a gs://BUCKET/PATH URL"),
     "no workdir": (GOOD[:10], "run", {}, "'run' needs --workdir DIR"),
     "unknown command": (GOOD, "launch", {}, "unknown command 'launch'"),
     "unknown option": (GOOD + ["--acelerator-type=v4-8"], "create", {}, "unknown option '--acelerator-type'"),
@@ -161,6 +161,16 @@ def test_real_run_calls_gcloud_in_order_and_ships_the_repo(pod, tmp_path):
   assert got[1][4:6] == [str(tmp_path / "gkd_jax-gkd-pod.tgz"), "gkd-pod:gkd_jax.tgz"]
   assert got[-1][4:7] == ["--recurse", "gkd-pod:/mnt/nfs/run1", str(fetched)]
   assert fetched.is_dir()
+
+
+def test_gs_workdir_runs_there_and_is_fetched_from_the_bucket(pod, tmp_path):
+  run, calls = pod
+  fetched = tmp_path / "fetched"
+  p = run(GOOD[:10] + ["--workdir", "gs://bucket/run1", f"--fetch-to={fetched}", "--keep", "all"])
+  assert p.returncode == 0, p.stderr
+  got = calls()
+  assert any("--workdir=gs://bucket/run1" in " ".join(c) for c in got), got  # passed as given
+  assert got[-1] == ["storage", "cp", "--recursive", "gs://bucket/run1", str(fetched)]
 
 
 def test_real_run_without_gcloud_fails_clearly(tmp_path):
