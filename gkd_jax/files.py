@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 
 
 def package_file(package: str, relpath: str) -> str | None:
@@ -87,11 +88,11 @@ def write_json(p, obj, default=None) -> None:
 def move(src, dst) -> None:
   """Moves file or directory ``src`` to ``dst``, making dst's parents. Across or within an object
   store (no renames) every file is copied, then ``src`` deleted."""
-  src, dst = path(src), path(dst)
-  if is_local(src) and is_local(dst):
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    src.rename(dst)
+  if is_local(src) and is_local(dst):  # shutil.move also crosses filesystems
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    shutil.move(src, dst)
     return
+  src, dst = path(src), path(dst)
   _copy_tree(src, dst)
   src.rmtree()
 

@@ -60,7 +60,7 @@ def _open_append(path, binary: bool = False):
   """``path`` opened to append: locally a file; on an object store a ``_WholeObject`` holding
   what is there now."""
   if files.is_local(path):
-    return files.path(path).open("ab" if binary else "a")
+    return files.path(path).open("ab") if binary else files.path(path).open("a", encoding="utf-8")
   p = files.path(path)
   return _WholeObject(path, p.read_bytes() if p.exists() else b"")
 
