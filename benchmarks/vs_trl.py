@@ -10,8 +10,11 @@ optimizer settings (lr, warmup, cosine to 10%, clipping), CPU.
 
   ours: ``gkd_jax.train.Trainer`` built from configs/demo.py with the overrides above (the
         teacher-SFT stage and the SFT warm-up off, data.task gsm8k, data.max_prompt_len 160: one
-        prompt bucket for the first steps' prompts, so no recompile falls in the timed steps),
-        batches from its data pipeline; each step is ``Trainer.train_step`` (sampling, teacher
+        prompt bucket for the first steps' prompts, so no recompile falls in the timed steps)
+        and our numerics choices: teacher.dot_dtype and student.dot_dtype bfloat16 (bf16 matmul
+        inputs, f32 accumulation: a TPU's default precision; parameters, gradients and Adam stay
+        float32) and gkd.fused; batches from its data pipeline, tokenized by this parent process
+        into data.tokenized_dir, so the training process imports no TensorFlow; each step is ``Trainer.train_step`` (sampling, teacher
         and student forwards, update) until its results are ready (jax.block_until_ready).
   TRL:  ``trl.experimental.gkd.GKDTrainer`` (lmbda 1, beta 0.5, temperature 1, max_new_tokens
         64, batch 4, no gradient accumulation, checkpointing or bf16, use_cpu, no workers,
@@ -130,6 +133,12 @@ def our_config(steps, data, sets):
   c.gkd.max_new_tokens = 64
   for sec in (c.teacher, c.student):
     sec.dtype = sec.param_dtype = "float32"
+  # our numerics choices (README, "Performance"): a TPU's default matmul precision (bf16 inputs,
+  # f32 accumulation) for both models, the fused head + loss; pass --set KEY='' (or False) to
+  # measure without one
+  c.teacher.dot_dtype = c.student.dot_dtype = "bfloat16"
+  c.gkd.fused = True
+  c.data.tokenized_dir = data.get("tokenized_dir", "")  # main() writes it (pretokenize)
   c.train.steps = steps
   c.train.ckpt_every = 0
   c.train.log_every = steps
@@ -165,6 +174,45 @@ def trl_settings(c):
     "b2": o.b2,
     "clip_norm": o.clip_norm,
   }
+
+
+def pretokenize(c, tmp):
+  """Writes the training split's tokenized examples (gkd_jax.data.tokenized) under tmp in this
+  (parent) process -> the directory; our training process then reads them with NumPy and never
+  imports TensorFlow/seqio (as a TF-free accelerator host would)."""
+  from gkd_jax import data, models
+
+  out = os.path.join(tmp, "tokenized")
+  tok = models.load(c.teacher.path)[1]
+  kw = data.config_kwargs(c.data, tok, False)
+  kw["tokenized_dir"] = out
+  next(data.get_dataset(c.data.task, c.data.train_split, batch_size=4, seed=c.seed, **kw))
+  return out
+
+
+def float32_logits(c, path):
+  """Our teacher and student (float32 numerics: dot_dtype off) on the first training prompt,
+  computed here in the parent -> path (.npz): the check that both sides run the same models,
+  apart from our numerics choices."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  from gkd_jax import data, models
+  from gkd_jax.models import students
+
+  teacher, tok = models.load(c.teacher.path, dtype="float32", param_dtype="float32")
+  s = c.student.copy_and_resolve_references()
+  s.dot_dtype = ""
+  student = students.build_student(s, teacher, c.seed)
+  kw = data.config_kwargs(c.data, tok, False)
+  batch = next(data.get_dataset(c.data.task, c.data.train_split, batch_size=1, seed=c.seed, **kw))
+  ids = jnp.asarray(batch["prompt_tokens"][:1, : int(batch["prompt_lengths"][0])])
+  np.savez(
+    path,
+    ids=np.asarray(ids[0]),
+    teacher=np.asarray(teacher(ids))[0],
+    student=np.asarray(student(ids))[0],
+  )
 
 
 def prompt_messages(c, n):
@@ -234,7 +282,11 @@ def run_ours(work, out):
     if rolled.source != "on_policy":
       raise RuntimeError(f"step {step} drew {rolled.source!r}, not on-policy (gkd.lmbda < 1?)")
   tr.ckpt.close()
-  info = {"devices": str(jax.devices()), "jax": jax.__version__}
+  info = {
+    "devices": str(jax.devices()),
+    "jax": jax.__version__,
+    "tensorflow_imported": "tensorflow" in sys.modules,
+  }
   with open(out, "w") as f:
     json.dump({**rec, "setup_s": setup_s, "vm_hwm_kb": vm_hwm_kb(), "info": info}, f)
 
@@ -425,8 +477,9 @@ def run_child(side, work_path, out, log_path):
   return res
 
 
-def logits_check(a_path, b_path):
-  """-> a line comparing the two sides' logits on the first prompt."""
+def logits_check(a_path, b_path, what, atol=1e-2):
+  """-> a line comparing two runs' logits on the first prompt (match: within atol; None: no
+  verdict)."""
   import numpy as np
 
   a, b = np.load(a_path), np.load(b_path)
@@ -441,12 +494,11 @@ def logits_check(a_path, b_path):
       f"{name} max |diff| {diff:.2e} (logits up to {np.abs(x).max():.1f}), "
       f"top-1 agreement {100 * top1:.0f}%"
     )
-  ok = all(np.allclose(a[n], b[n], atol=1e-2, rtol=0) for n in ("teacher", "student"))
-  return (
-    f"logits check, first prompt ({a['ids'].shape[0]} tokens), TRL vs ours: "
-    + "; ".join(parts)
-    + (" -> match" if ok else " -> MISMATCH")
-  )
+  line = f"logits check, first prompt ({a['ids'].shape[0]} tokens), {what}: " + "; ".join(parts)
+  if atol is None:
+    return line
+  ok = all(np.allclose(a[n], b[n], atol=atol, rtol=0) for n in ("teacher", "student"))
+  return line + (" -> match" if ok else " -> MISMATCH")
 
 
 def summarize(res, steps):
@@ -506,6 +558,10 @@ def main():
       c = our_config(a.steps, data, sets)
     except ValueError as e:
       raise SystemExit(str(e)) from None
+    if "data.tokenized_dir" not in dict(sets):  # --set data.tokenized_dir='' reads via seqio
+      data["tokenized_dir"] = pretokenize(c, tmp)
+      c = our_config(a.steps, data, sets)
+    float32_logits(c, os.path.join(tmp, "ours_f32.npz"))
     s = trl_settings(c)
     work = {
       "steps": a.steps,
@@ -538,12 +594,12 @@ def main():
           flush=True,
         )
     load.append(os.getloadavg()[1])
-    report(a, c, s, data, sets, runs, load)
+    report(a, c, s, data, sets, runs, load, os.path.join(tmp, "ours_f32.npz"))
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def report(a, c, s, data, sets, runs, load):
+def report(a, c, s, data, sets, runs, load, f32_npz):
   by = {side: [r for r in runs if r["side"] == side] for side in ("trl", "ours")}
   sums = {side: [summarize(r, a.steps) for r in rs] for side, rs in by.items()}
   med = {side: {k: statistics.median(x[k] for x in v) for k in v[0]} for side, v in sums.items()}
@@ -594,7 +650,12 @@ def report(a, c, s, data, sets, runs, load):
     f"- same prompts on both sides, token for token: {'yes' if same else 'NO'} "
     f"({len(first)} prompts, lengths {min(map(len, first))}-{max(map(len, first))})"
   )
-  print("- " + logits_check(by["trl"][0]["npz"], by["ours"][0]["npz"]))
+  print("- " + logits_check(by["trl"][0]["npz"], f32_npz, "TRL vs ours in float32"))
+  print(
+    "- "
+    + logits_check(f32_npz, by["ours"][0]["npz"], "ours in float32 vs ours as trained", None)
+    + " (informational: the trained run's numerics choices, e.g. bf16 dots)"
+  )
   print(
     f"- TRL side: {json.dumps(by['trl'][0]['info'])}; ours: {json.dumps(by['ours'][0]['info'])}"
   )

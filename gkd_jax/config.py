@@ -31,6 +31,10 @@ def defaults() -> ml_collections.ConfigDict:
   c.teacher.path = "smollm2-135m-instruct"  # HF dir, .gguf file or alias
   c.teacher.dtype = "float32"  # compute dtype
   c.teacher.param_dtype = "float32"
+  # "" = the teacher's own numerics; "bfloat16": its weight matmuls take bfloat16 inputs with
+  # float32 accumulation (a TPU's default precision) and, as it is frozen, its matrices are
+  # stored in bfloat16 (half the bytes; the same numbers its matmuls read). Decoder-only.
+  c.teacher.dot_dtype = ""
   c.teacher.rules = ()  # extra logical-axis rules for the teacher only (after mesh.rules)
   # A teacher-logit cache (python -m gkd_jax.teacher_cache): dataset (off-policy) steps read
   # the teacher's top-k log-probs from it instead of running the teacher; on-policy and SeqKD
@@ -56,6 +60,10 @@ def defaults() -> ml_collections.ConfigDict:
   c.student.overrides = ml_collections.ConfigDict()  # for "fresh": e.g. n_layers, d_model
   c.student.dtype = "float32"
   c.student.param_dtype = "float32"
+  # "" = its own numerics; "bfloat16": the student's weight matmuls (forward and backward,
+  # training and sampling) take bfloat16 inputs with float32 accumulation, a TPU's default
+  # precision; parameters, gradients and Adam stay in param_dtype. Decoder-only.
+  c.student.dot_dtype = ""
   c.student.remat = False
   # Llama family: the layers as one scanned block (one layer compiled, not n: faster compiles
   # for deep students); not with train.top_layers.
@@ -308,11 +316,12 @@ def validate(config) -> ml_collections.ConfigDict:
       isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v < 1.0,
       "a number in [0, 1)",
     )
-  need(
-    "gkd.sample_dot_dtype",
-    config.gkd.sample_dot_dtype in ("", "float32", "bfloat16", "float16"),
-    "'' (the model's own numerics), 'float32', 'bfloat16' or 'float16'",
-  )
+  for k in ("gkd.sample_dot_dtype", "teacher.dot_dtype", "student.dot_dtype"):
+    need(
+      k,
+      value(k) in ("", "float32", "bfloat16", "float16"),
+      "'' (the model's own numerics), 'float32', 'bfloat16' or 'float16'",
+    )
   positive("eval.temperature", integer=False, zero=True)
   positive("gkd.ce_weight", integer=False, zero=True)
   positive("optim.weight_decay", integer=False, zero=True)

@@ -22,10 +22,11 @@ import jax.numpy as jnp
 
 from gkd_jax import divergences as dv
 from gkd_jax import losses, sparse
+from gkd_jax.models import numerics
 
 
-def _logits(h_CxD, w_DxV, cap):
-  z = jnp.dot(h_CxD, w_DxV, preferred_element_type=jnp.float32)
+def _logits(h_CxD, w_DxV, cap, dot_dtype=None):
+  z = numerics.dot("cd,dv->cv", h_CxD, w_DxV, dot_dtype or h_CxD.dtype, jnp.float32)
   return dv.softcap(z, cap)
 
 
@@ -133,6 +134,8 @@ def fused_loss(
   student_softcap=None,
   teacher_softcap=None,
   chunk_size=1024,
+  student_dot_dtype=None,
+  teacher_dot_dtype=None,
   **params,
 ):
   """Chunked head + loss. Returns ``(loss, aux)`` equal to the unfused path.
@@ -147,6 +150,8 @@ def fused_loss(
     reduction: "token" or "sequence" (divergences; ATKD has its own weighting).
     student_softcap, teacher_softcap: optional logit soft-capping before temperature.
     chunk_size: tokens per chunk; peak memory ~ chunk_size * V floats per buffer.
+    student_dot_dtype, teacher_dot_dtype: the heads' matmul input dtypes (``numerics.dot``;
+      None: the hidden states' dtype), as the unfused ``steps.logits``.
     **params: with a loss name, its parameters (beta, alpha; ATKD's easy_weight,
       hard_fraction, split, base).
 
@@ -166,11 +171,11 @@ def fused_loss(
   at_t = {"temperature": temperature, "vocab_size": vocab_size}
 
   def teacher_u(ht_c, wt, tgt_c):
-    return loss.uncertainty(_logits(ht_c, wt, teacher_softcap), tgt_c, **at_t)
+    return loss.uncertainty(_logits(ht_c, wt, teacher_softcap, teacher_dot_dtype), tgt_c, **at_t)
 
   def terms_fn(hs_c, ws_, ht_c, wt, tgt_c):
-    s_logits = _logits(hs_c, ws_, student_softcap)
-    t_logits = _logits(ht_c, wt, teacher_softcap)
+    s_logits = _logits(hs_c, ws_, student_softcap, student_dot_dtype)
+    t_logits = _logits(ht_c, wt, teacher_softcap, teacher_dot_dtype)
     return jnp.stack(loss.terms(s_logits, t_logits, tgt_c, **at_t), axis=-1)
 
   return _chunked(
@@ -203,6 +208,7 @@ def fused_cached_loss(
   reduction="token",
   student_softcap=None,
   chunk_size=1024,
+  student_dot_dtype=None,
 ):
   """``fused_loss`` against a cached sparse teacher (``gkd_jax.sparse``): the teacher's top-k
   ids ``[..., k]``, log-probs ``[..., k]`` and log tail mass ``[...]`` instead of its hidden
@@ -240,7 +246,10 @@ def fused_cached_loss(
     del wt
     ids, lt, tb = unpack(t_c, tgt_c)
     ls = sparse.student_buckets(
-      _logits(hs_c, ws_, student_softcap), ids, temperature=temperature, vocab_size=vocab_size
+      _logits(hs_c, ws_, student_softcap, student_dot_dtype),
+      ids,
+      temperature=temperature,
+      vocab_size=vocab_size,
     )
     return jnp.stack(loss.terms(ls, lt, tb, temperature=1.0), axis=-1)
 

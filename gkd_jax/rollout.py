@@ -92,7 +92,8 @@ class Rollout:
       top_p=g.top_p,
       eos_ids=[self.tokenizer.eos_id],
       pad_id=pad,
-      dot_dtype=g.sample_dot_dtype or None,
+      # the student's own dot_dtype, cast once up front (its decode reads half the bytes)
+      dot_dtype=g.sample_dot_dtype or (source == "on_policy" and c.student.dot_dtype) or None,
     )
     view = steps.samples_view(prompts, lengths, out.tokens, out.mask, self.encoder_decoder, pad)
     if self.reward_fn is None:

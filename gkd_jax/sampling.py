@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from gkd_jax.models import base
+from gkd_jax.models.numerics import with_dot_dtype
 
 _NEG = -1e30
 
@@ -159,22 +160,6 @@ def _decode_loop(step_fn, first_logits_BxV, carry, rng, cfg: SampleConfig):
   logps = jnp.concatenate([lp0[None], logps], 0).T
   mask = jnp.concatenate([v0[None], valids], 0).T
   return Samples(toks, mask, mask.sum(1).astype(jnp.int32), logps)
-
-
-def with_dot_dtype(graphdef, state, dot_dtype):
-  """Merges the model with ``cfg.dot_dtype = dot_dtype`` and its matrices (>= 2-D
-  float params) cast to dot_dtype once, up front. The cast changes no number: the
-  model rounds every matrix to dot_dtype where it uses it; doing it once here means
-  the decode loop reads half the bytes (bfloat16) instead of converting every step."""
-  if dot_dtype is None:
-    return nnx.merge(graphdef, state)
-  dt = jnp.dtype(dot_dtype)
-  cast = lambda a: a.astype(dt) if a.ndim >= 2 and jnp.issubdtype(a.dtype, jnp.floating) else a
-  model = nnx.merge(graphdef, jax.tree.map(cast, state))
-  for _, m in nnx.iter_modules(model):
-    if dataclasses.is_dataclass(getattr(m, "cfg", None)):
-      m.cfg = dataclasses.replace(m.cfg, dot_dtype=dt.name)
-  return model
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))

@@ -17,6 +17,7 @@ give exactly the full-batch gradient. A loss that is not a sum over tokens (ATKD
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,7 @@ from flax import nnx
 from gkd_jax import divergences as dv
 from gkd_jax import losses, sparse
 from gkd_jax.fused import fused_cached_loss, fused_loss
-from gkd_jax.models import base
+from gkd_jax.models import base, numerics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,23 +138,43 @@ CACHED_TEACHER = ("teacher_ids", "teacher_logp", "teacher_tail")
 
 
 # ---------------------------------------------------------------------------- forwards
-def hidden_and_head(model, view):
-  """-> (h_BxKxD, W_DxV, softcap) at the view's trained positions."""
+class Head(NamedTuple):
+  """A model's LM head at the view's trained positions: logits == softcap(h @ W, cap), the
+  matmul's inputs rounded to ``dot_dtype`` (None: h's dtype) with float32 accumulation."""
+
+  h: jax.Array  # [B, K, D]
+  w: jax.Array  # [D, V]
+  cap: float | None
+  dot_dtype: str | None = None
+
+
+def head_dot_dtype(model) -> str | None:
+  """The dtype of the LM head matmul's inputs: a decoder's ``cfg.matmul_dtype`` (its
+  ``dot_dtype`` policy), None (the hidden states' dtype) for encoder-decoders."""
+  return None if base.is_encoder_decoder(model) else model.cfg.matmul_dtype
+
+
+def hidden_and_head(model, view) -> Head:
+  """-> ``Head`` at the view's trained positions."""
   if base.is_encoder_decoder(model):
     enc = model.encode(view["encoder_tokens"], view["encoder_mask"])
     h = model.decoder_hidden_states(
       enc, view["encoder_mask"], view["decoder_tokens"], view["decoder_mask"]
     )
-  else:
-    h = model.hidden_states(view["tokens"], mask_BxT=view["mask"])
-    h = jnp.take_along_axis(h, view["loss_positions"][..., None], axis=1)
-  return h, model.head(), model.logit_softcap()
+    return Head(h, model.head(), model.logit_softcap())
+  h = model.hidden_states(view["tokens"], mask_BxT=view["mask"])
+  h = jnp.take_along_axis(h, view["loss_positions"][..., None], axis=1)
+  return Head(h, model.head(), model.logit_softcap(), head_dot_dtype(model))
 
 
-def logits(h_BxTxD, w_DxV, cap):
-  z = jnp.einsum(
-    "btd,dv->btv", h_BxTxD, w_DxV.astype(h_BxTxD.dtype), preferred_element_type=jnp.float32
-  )
+def frozen(head: Head) -> Head:
+  """The head with no gradient into h and W (the teacher's)."""
+  return head._replace(h=jax.lax.stop_gradient(head.h), w=jax.lax.stop_gradient(head.w))
+
+
+def logits(h_BxTxD, w_DxV, cap, dot_dtype=None):
+  """softcap(h @ W) in float32 (``numerics.dot``: inputs in dot_dtype, default h's dtype)."""
+  z = numerics.dot("btd,dv->btv", h_BxTxD, w_DxV, dot_dtype or h_BxTxD.dtype, jnp.float32)
   return dv.softcap(z, cap)
 
 
@@ -172,22 +193,24 @@ def count(view, spec: LossSpec, what: str):
 # ------------------------------------------------------------------------------ losses
 def divergence_sum(s, t, view, spec: LossSpec):
   """Sum of the configured loss over the view's trained tokens (a per-token divergence), or
-  the loss itself (ATKD). s, t: (h, W, cap) of student and teacher. -> (sum, aux metrics)."""
+  the loss itself (ATKD). s, t: the student's and teacher's ``Head``. -> (sum, aux metrics)."""
   m, tgt = view["loss_mask"], view["targets"]
   if spec.fused:
     loss, aux = fused_loss(
-      s[0],
-      s[1],
-      t[0],
-      t[1],
+      s.h,
+      s.w,
+      t.h,
+      t.w,
       m,
       tgt,
       loss=spec.loss,
       temperature=spec.temperature,
       reduction=spec.reduction,
-      student_softcap=s[2],
-      teacher_softcap=t[2],
+      student_softcap=s.cap,
+      teacher_softcap=t.cap,
       chunk_size=spec.chunk_size,
+      student_dot_dtype=s.dot_dtype,
+      teacher_dot_dtype=t.dot_dtype,
     )
     return (aux["sum"], {}) if spec.loss.per_token else (loss, aux)
   total, _, aux = losses.loss_sum(
@@ -207,8 +230,8 @@ def cached_divergence_sum(s, view, spec: LossSpec):
   ids, logp, tail = (view[k] for k in CACHED_TEACHER)
   if spec.fused:
     loss, aux = fused_cached_loss(
-      s[0],
-      s[1],
+      s.h,
+      s.w,
       ids,
       logp,
       tail,
@@ -217,8 +240,9 @@ def cached_divergence_sum(s, view, spec: LossSpec):
       loss=spec.loss,
       temperature=spec.temperature,
       reduction=spec.reduction,
-      student_softcap=s[2],
+      student_softcap=s.cap,
       chunk_size=spec.chunk_size,
+      student_dot_dtype=s.dot_dtype,
     )
     return (aux["sum"], {}) if spec.loss.per_token else (loss, aux)
   total, _, aux = sparse.loss_sum(
@@ -235,21 +259,21 @@ def cached_divergence_sum(s, view, spec: LossSpec):
   return total, aux
 
 
-def target_logprobs(h_w_cap, view):
+def target_logprobs(head, view):
   """log p(target) per position ``[B, T]`` (float32) at temperature 1."""
-  lp = jax.nn.log_softmax(logits(*h_w_cap), axis=-1)
+  lp = jax.nn.log_softmax(logits(*head), axis=-1)
   return jnp.take_along_axis(lp, view["targets"][..., None], axis=-1)[..., 0]
 
 
-def ce_sum(h_w_cap, view, spec: LossSpec):
-  nll = -target_logprobs(h_w_cap, view)
+def ce_sum(head, view, spec: LossSpec):
+  nll = -target_logprobs(head, view)
   return dv.masked_mean(nll, view["loss_mask"], spec.reduction)[1][0]
 
 
-def pg_sum(h_w_cap, view, advantages, teacher_lp=None):
+def pg_sum(head, view, advantages, teacher_lp=None):
   """REINFORCE: -(A * log p(sample)). advantages [B] (sequence reward) or, when teacher
   log-probs [B, T] are given, the per-token reverse-KL reward log p_T - log p_S."""
-  lp = target_logprobs(h_w_cap, view)
+  lp = target_logprobs(head, view)
   m = view["loss_mask"]
   if teacher_lp is not None:
     adv = jax.lax.stop_gradient(teacher_lp - lp)
@@ -347,7 +371,7 @@ def train_step(
     cached = CACHED_TEACHER[0] in mv  # the teacher's rows come from a cache: no forward
     if not cached and (use_div or (use_pg and spec.token_rkl_reward)):
       teacher = nnx.merge(teacher_graphdef, teacher_params)
-      t = jax.tree.map(jax.lax.stop_gradient, hidden_and_head(teacher, mv))
+      t = frozen(hidden_and_head(teacher, mv))
     if use_div:
       d_sum, aux = cached_divergence_sum(s, mv, spec) if cached else divergence_sum(s, t, mv, spec)
       total += w_div * d_sum / n_div

@@ -186,7 +186,7 @@ def write(
 
   from gkd_jax import data, models, observe, sparse, steps, train
   from gkd_jax.data import batching
-  from gkd_jax.models import base
+  from gkd_jax.models import base, students
 
   if dtype not in DTYPES:
     raise ValueError(f"--dtype={dtype!r}: one of {DTYPES}")
@@ -196,6 +196,7 @@ def write(
   if teacher_path is None:
     teacher_path = train.prepare_teacher(c, out)[0] or c.teacher.path
   teacher, tok = models.load(teacher_path, dtype=c.teacher.dtype, param_dtype=c.teacher.param_dtype)
+  teacher = students.frozen_teacher(teacher, c.teacher)
   if tok is None:
     raise ValueError(f"teacher {teacher_path!r} has no tokenizer files")
   if k > teacher.cfg.vocab_size:
@@ -230,9 +231,9 @@ def write(
 
   @jax.jit
   def top(params, view):
-    h, w, cap = steps.hidden_and_head(nnx.merge(graphdef, params), view)
+    head = steps.hidden_and_head(nnx.merge(graphdef, params), view)
     return sparse.top_k(
-      steps.logits(h, w, cap), k, temperature=c.gkd.loss_temperature, always=view["targets"]
+      steps.logits(*head), k, temperature=c.gkd.loss_temperature, always=view["targets"]
     )
 
   bar = observe.Progress(n_shards, start_step=len(done), enabled=progress) if n_shards else None

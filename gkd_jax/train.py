@@ -198,6 +198,7 @@ class Trainer:
       raise ValueError(f"teacher {c.teacher.path!r} has no tokenizer files; the trainer needs one")
     student = students.build_student(c.student, teacher, c.seed)
     students.check_pair(teacher, student, self.tokenizer, c.gkd.sample_dot_dtype)
+    teacher = students.frozen_teacher(teacher, c.teacher)
     self.encdec = models_base.is_encoder_decoder(student)
     teacher_rules = sharding.make_rules(list(c.mesh.rules) + list(c.teacher.rules))
     sharding.shard_model(teacher, self.mesh, teacher_rules)

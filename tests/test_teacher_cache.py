@@ -130,8 +130,9 @@ def test_trainer_with_a_full_cache_trains_like_the_live_teacher(small, tmp_path,
   lines = lambda w: [json.loads(x) for x in open(os.path.join(w, "metrics.jsonl"))
                      if "train/loss" in x]
   for a, b in zip(lines(tmp_path / "live"), lines(tmp_path / "cached"), strict=True):
-    np.testing.assert_allclose(b["train/loss"], a["train/loss"], rtol=1e-4)
-    np.testing.assert_allclose(b["train/divergence"], a["train/divergence"], rtol=1e-4)
+    # the loss falls to ~1e-4: float32 round-off there is ~2e-8
+    np.testing.assert_allclose(b["train/loss"], a["train/loss"], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(b["train/divergence"], a["train/divergence"], rtol=1e-4, atol=1e-7)
   # the fused chunked head + loss reads the cache too
   fused = train.run(make(**overrides, **{"teacher.cache": cdir, "gkd.fused": True,
                                          "gkd.chunk_size": 16}), str(tmp_path / "fused"))

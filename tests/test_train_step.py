@@ -236,3 +236,45 @@ def test_rollout_sources_views_and_samples(setup):
   assert r.source == "dataset" and r.ce_view is None
   np.testing.assert_array_equal(r.view["targets"], data["targets"])
   assert ro(batch, 3, nnx.split(student), nnx.split(teacher), key, sft=True).source == "sft"
+
+
+def test_bf16_dots_step_is_the_rounded_models_loss_and_fused_agrees(setup):
+  """teacher.dot_dtype / student.dot_dtype = "bfloat16" (tied heads, so the head's gradient is
+  the embedding's): the step's loss is the JSD of the two models' own bf16-dot logits (their
+  forward is checked against transformers in test_llama); the teacher stored in bfloat16
+  (``students.frozen_teacher``) changes no number; fused and unfused heads agree in loss and
+  update; parameters and gradients stay float32."""
+  from gkd_jax.models import numerics
+
+  mesh, _, batch = setup
+  tied = dict(tie_embeddings=True, dot_dtype="bfloat16")
+  teacher = Llama(dataclasses.replace(TEACHER, **tied), rngs=nnx.Rngs(0))
+  student = Llama(dataclasses.replace(STUDENT, **tied), rngs=nnx.Rngs(1))
+  stored = numerics.with_dot_dtype(*nnx.split(teacher), "bfloat16")
+  view = steps.batch_view(batch, False)
+  import optax
+
+  opt = optax.sgd(1.0)  # the update is minus the gradient
+  gd, p0 = nnx.split(student)
+  fn = jax.jit(steps.train_step, static_argnames=("graphdef", "teacher_graphdef", "spec",
+                                                  "optimizer", "grad_accum"))
+  out = {}
+  for name, t, fused in (("unfused", teacher, False), ("stored", stored, False),
+                         ("fused", stored, True)):
+    spec = steps.LossSpec(loss=loss_lib.get("jsd", beta=0.5), fused=fused, chunk_size=16)
+    out[name] = fn(gd, p0, opt.init(p0), *nnx.split(t), view, None, jnp.zeros(8), spec=spec,
+                   optimizer=opt, grad_accum=1)
+  pick = lambda x: jnp.take_along_axis(x, view["loss_positions"][..., None], axis=1)
+  s = pick(student(view["tokens"], mask_BxT=view["mask"]))
+  t = pick(teacher(view["tokens"], mask_BxT=view["mask"]))
+  want = dv.masked_mean(dv.generalized_jsd(s, t, beta=0.5), view["loss_mask"])[0]
+  np.testing.assert_allclose(out["unfused"][2]["loss"][0], want, rtol=1e-5)
+  assert float(out["stored"][2]["loss"][0]) == float(out["unfused"][2]["loss"][0])
+  np.testing.assert_allclose(out["fused"][2]["loss"][0], want, rtol=1e-5)
+  # the gradients agree up to bf16 roundings that the heads' f32 summation orders flip
+  for a, b, p in zip(*(jax.tree.leaves(x) for x in (out["fused"][0], out["unfused"][0], p0))):
+    assert a.dtype == jnp.float32
+    g = np.abs(np.asarray(p) - np.asarray(b)).max()  # the largest step (plus f32 rounding)
+    np.testing.assert_allclose(a, b, atol=1e-2 * g + 4e-7 * float(np.abs(p).max()))
+  assert any(float(jnp.abs(a - b).max()) > 1e-4  # the step moved the parameters
+             for a, b in zip(jax.tree.leaves(out["fused"][0]), jax.tree.leaves(p0)))

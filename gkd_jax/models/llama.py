@@ -26,6 +26,7 @@ from flax import nnx
 
 from gkd_jax.divergences import softcap
 from gkd_jax.models import base
+from gkd_jax.models.numerics import dot
 
 ROPE_SCALING_TYPES = ("linear", "llama3")
 _NEG_INF = -1e30  # finite, so fully masked (padding) rows stay NaN-free
@@ -42,9 +43,10 @@ class LlamaConfig:
   param_dtype / dtype: parameter storage / compute dtype names; logits are float32.
   dot_dtype: None (= dtype) or the dtype both inputs of every weight matmul are
     rounded to (the embedding table and tied head included); accumulation is float32
-    and results return to dtype. Attention and its KV cache stay in dtype.
-    "bfloat16" with float32 dtype is a TPU's default matmul precision; on CPUs with
-    AVX512-BF16/AMX it halves the bytes a decode step reads.
+    and results return to dtype; gradients as ``numerics.dot`` (the backward matmuls
+    round too, cotangents keep the parameters' dtype). Attention and its KV cache stay
+    in dtype. "bfloat16" with float32 dtype is a TPU's default matmul precision; on
+    CPUs it halves the bytes a matmul reads.
   """
 
   family: ClassVar[str] = "llama"  # gkd_jax.models.base.FAMILIES
@@ -196,14 +198,6 @@ def attention_mask(kv_mask_BxS, q_slots_T, sliding_window=None):
   if sliding_window is not None:
     allowed_TxS &= k_slots_S[None, :] > q_slots_T[:, None] - sliding_window
   return kv_mask_BxS[:, None, :] & allowed_TxS[None]
-
-
-def dot(eq, x, w, dtype):
-  """einsum(eq, x, w) with both inputs cast to `dtype`, float32 accumulation, result
-  in x's dtype (bf16 x bf16 -> f32 is the fast path of CPU and TPU matmul units)."""
-  return jnp.einsum(
-    eq, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32
-  ).astype(x.dtype)
 
 
 def gqa_attention(q_BxTxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxTxS, dtype=jnp.float32):
@@ -363,11 +357,8 @@ class Llama(nnx.Module):
 
   def logits_from_hidden(self, h_BxTxD):
     """softcap(h @ W) in float32 (inputs in cfg.matmul_dtype, float32 accumulation)."""
-    mm = jnp.dtype(self.cfg.matmul_dtype)
-    logits = jnp.einsum(
-      "btd,dv->btv", h_BxTxD.astype(mm), self.head().astype(mm), preferred_element_type=jnp.float32
-    )
-    return softcap(logits.astype(jnp.float32), self.cfg.final_logit_softcap)
+    logits = dot("btd,dv->btv", h_BxTxD, self.head(), self.cfg.matmul_dtype, jnp.float32)
+    return softcap(logits, self.cfg.final_logit_softcap)
 
   def hidden_states(self, tokens_BxT, *, mask_BxT=None, positions_BxT=None):
     """Final-norm hidden states h_BxTxD (compute dtype), causal, padding-aware."""
@@ -451,7 +442,10 @@ class Llama(nnx.Module):
   def _embed(self, tokens_BxT):
     """Rows of the table as the head reads it (rounded to matmul_dtype), in dtype."""
     rows = jnp.take(self.embed[...], tokens_BxT, axis=0)
-    return rows.astype(jnp.dtype(self.cfg.matmul_dtype)).astype(jnp.dtype(self.cfg.dtype))
+    mm = jnp.dtype(self.cfg.matmul_dtype)
+    if mm != rows.dtype:  # rounded as the head reads it; the rounding's gradient is the identity
+      rows = rows + jax.lax.stop_gradient(rows.astype(mm).astype(rows.dtype) - rows)
+    return rows.astype(jnp.dtype(self.cfg.dtype))
 
   def _layers(self, x_BxTxD, positions_BxT, mask_BxTxS, k_cache, v_cache, index):
     """Runs all blocks; with a cache returns the updated k, v (as init_cache)."""

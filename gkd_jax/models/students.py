@@ -1,13 +1,16 @@
 """A run's student, from config.student: loaded (init "path"), cut from the teacher's layers
 ("prune") or a smaller fresh model ("fresh"), per its family's StudentBuilder
-(gkd_jax.models.base); and the checks that a teacher/student pair can be distilled."""
+(gkd_jax.models.base); the frozen teacher in config.teacher's numerics; and the checks that a
+teacher/student pair can be distilled."""
 
 from __future__ import annotations
 
 import dataclasses
 
+from flax import nnx
+
 from gkd_jax import models
-from gkd_jax.models import base
+from gkd_jax.models import base, numerics
 
 
 def build_student(s, teacher, seed: int):
@@ -35,10 +38,31 @@ def build_student(s, teacher, seed: int):
       param_dtype=s.param_dtype,
       remat=s.remat,
       scan_layers=s.scan_layers,
+      dot_dtype=s.dot_dtype or None,
     )
     if cfg != student.cfg:
       student = sfam.converter().with_config(student, cfg)
+  elif s.dot_dtype:
+    raise ValueError(
+      f"config.student.dot_dtype={s.dot_dtype!r} is for decoder-only (Llama-family) students; "
+      f"set it to '' for {sfam.name} students"
+    )
   return student
+
+
+def frozen_teacher(teacher, t):
+  """The teacher in the numerics of config section ``t`` (``config.teacher``): with
+  ``t.dot_dtype`` its matmul inputs, and its stored matrices, in that dtype (it is frozen, so
+  storing them rounded changes no number it computes). Call after ``build_student`` (a pruned
+  student copies the teacher's unrounded weights)."""
+  if not t.dot_dtype:
+    return teacher
+  if base.is_encoder_decoder(teacher):
+    raise ValueError(
+      f"config.teacher.dot_dtype={t.dot_dtype!r} is for decoder-only teachers; set it to '' "
+      "for encoder-decoder (T5) runs"
+    )
+  return numerics.with_dot_dtype(*nnx.split(teacher), t.dot_dtype)
 
 
 def check_pair(teacher, student, tokenizer, sample_dot_dtype=""):

@@ -1,0 +1,110 @@
+"""gkd_jax.models.numerics: the rounded matmul (forward and gradients against NumPy float64
+with the TPU-default rounding written out) and the pre-cast model."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gkd_jax.models import numerics
+from gkd_jax.models.llama import Llama, LlamaConfig
+
+EQS = {
+  "btd,dhk->bthk": ((2, 3, 8), (8, 4, 5)),  # q/k/v projections
+  "bthk,hkd->btd": ((2, 3, 4, 5), (4, 5, 8)),  # output projection
+  "btd,dv->btv": ((2, 3, 8), (8, 11)),  # the LM head
+  "cd,dv->cv": ((6, 8), (8, 11)),  # the fused head's chunk
+}
+
+
+def _bf16(a):
+  """float64 copy of ``a`` rounded to bfloat16 (round to nearest even, as XLA's convert)."""
+  return np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("eq", list(EQS))
+def test_rounded_dot_forward_and_gradients_match_float64_reference(eq):
+  xs, ws = EQS[eq]
+  r = np.random.default_rng(0)
+  x, w = (jnp.asarray(r.normal(size=s), jnp.float32) for s in (xs, ws))
+  c = jnp.asarray(r.normal(size=np.einsum(eq, np.zeros(xs), np.zeros(ws)).shape), jnp.float32)
+  f = lambda x, w: jnp.sum(c * numerics.dot(eq, x, w, "bfloat16"))
+  out = numerics.dot(eq, x, w, "bfloat16")
+  gx, gw = jax.grad(f, (0, 1))(x, w)
+  a, b, o = eq.replace("->", ",").split(",")
+  xr, wr, cr = _bf16(x), _bf16(w), _bf16(c)  # the backward rounds the cotangent too
+  assert out.dtype == gx.dtype == gw.dtype == jnp.float32  # no bfloat16 cotangents
+  np.testing.assert_allclose(out, np.einsum(eq, xr, wr), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gx, np.einsum(f"{o},{b}->{a}", cr, wr), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gw, np.einsum(f"{a},{o}->{b}", xr, cr), rtol=1e-5, atol=1e-5)
+  # and it is not float32: the unrounded gradient is 1e-3 away
+  assert np.abs(gw - np.einsum(f"{a},{o}->{b}", np.float64(x), np.float64(c))).max() > 1e-3
+
+
+def test_same_dtype_is_plain_einsum_autodiff():
+  r = np.random.default_rng(1)
+  x, w = jnp.asarray(r.normal(size=(2, 3, 8)), jnp.float32), jnp.asarray(r.normal(size=(8, 5)))
+  f = lambda fn: jax.grad(lambda x, w: jnp.sum(fn(x, w) ** 2), (0, 1))(x, w)
+  got = f(lambda x, w: numerics.dot("btd,dv->btv", x, w, "float32"))
+  want = f(lambda x, w: jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32))
+  for g, h in zip(got, want):
+    np.testing.assert_array_equal(g, h)
+
+
+def test_out_dtype_and_bad_equations():
+  x, w = jnp.ones((2, 4), jnp.bfloat16), jnp.ones((4, 3), jnp.float32)
+  assert numerics.dot("cd,dv->cv", x, w, "bfloat16", jnp.float32).dtype == jnp.float32
+  assert numerics.dot("cd,dv->cv", x, w, "bfloat16").dtype == jnp.bfloat16
+  for eq in ("...d,dv->...v", "cd,dv", "cdd,dv->cv", "cde,dv->cv"):
+    with pytest.raises(ValueError, match="dot"):
+      numerics.dot(eq, jnp.ones((2, 4, 4)) if "dd" in eq or "de" in eq else x, w, "bfloat16")
+
+
+def test_with_dot_dtype_stores_matrices_rounded_and_changes_no_number():
+  cfg = LlamaConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=4,
+                    mlp_dim=24, tie_embeddings=True)
+  model = Llama(cfg, rngs=nnx.Rngs(0))
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, 32, (2, 7)), jnp.int32)
+  rounding = Llama(dataclasses.replace(cfg, dot_dtype="bfloat16"), rngs=nnx.Rngs(0))
+  stored = numerics.with_dot_dtype(*nnx.split(model), "bfloat16")
+  leaves = jax.tree.leaves(nnx.state(stored, nnx.Param))
+  assert {x.dtype for x in leaves if x.ndim >= 2} == {jnp.dtype(jnp.bfloat16)}
+  assert {x.dtype for x in leaves if x.ndim == 1} == {jnp.dtype(jnp.float32)}  # norms
+  assert stored.cfg.dot_dtype == "bfloat16"
+  np.testing.assert_array_equal(stored(tokens), rounding(tokens))
+  assert np.abs(np.asarray(stored(tokens)) - np.asarray(model(tokens))).max() > 1e-4
+  assert numerics.with_dot_dtype(*nnx.split(model), None).cfg.dot_dtype is None
+
+
+def test_llama_training_gradient_with_bf16_dots_is_close_to_float32():
+  """dot_dtype='bfloat16' training: float32 gradients (parameters stay float32), within
+  bfloat16 rounding of the float32 gradient, and not equal to it."""
+  cfg = LlamaConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                    head_dim=8, mlp_dim=48, tie_embeddings=True)
+  tokens = jnp.asarray(np.random.default_rng(3).integers(0, 64, (2, 9)), jnp.int32)
+
+  def grads(c):
+    gd, params = nnx.split(Llama(c, rngs=nnx.Rngs(0)))
+    loss = lambda p: jnp.mean(jax.nn.log_softmax(nnx.merge(gd, p)(tokens))[..., 0])
+    return jax.tree.leaves(jax.grad(loss)(params))
+
+  full, half = grads(cfg), grads(dataclasses.replace(cfg, dot_dtype="bfloat16"))
+  assert all(h.dtype == jnp.float32 for h in half)
+  rel = max(float(jnp.abs(h - f).max() / jnp.abs(f).max()) for h, f in zip(half, full))
+  assert 1e-5 < rel < 3e-2
+
+
+def test_dot_dtype_keys_refuse_encoder_decoder_models():
+  import ml_collections
+
+  from gkd_jax.models import students
+  from gkd_jax.models.t5 import T5, T5Config
+
+  t5 = T5(T5Config(vocab_size=32, d_model=16, d_kv=4, n_heads=2, d_ff=24, n_encoder_layers=1,
+                   n_decoder_layers=1), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="teacher.dot_dtype='bfloat16' is for decoder-only"):
+    students.frozen_teacher(t5, ml_collections.ConfigDict({"dot_dtype": "bfloat16"}))
+  assert students.frozen_teacher(t5, ml_collections.ConfigDict({"dot_dtype": ""})) is t5
