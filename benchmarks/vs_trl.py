@@ -176,31 +176,29 @@ def trl_settings(c):
   }
 
 
-def pretokenize(c, tmp):
+def pretokenize(c, tok, tmp):
   """Writes the training split's tokenized examples (gkd_jax.data.tokenized) under tmp in this
   (parent) process -> the directory; our training process then reads them with NumPy and never
   imports TensorFlow/seqio (as a TF-free accelerator host would)."""
-  from gkd_jax import data, models
+  from gkd_jax import data
 
   out = os.path.join(tmp, "tokenized")
-  tok = models.load(c.teacher.path)[1]
   kw = data.config_kwargs(c.data, tok, False)
   kw["tokenized_dir"] = out
   next(data.get_dataset(c.data.task, c.data.train_split, batch_size=4, seed=c.seed, **kw))
   return out
 
 
-def float32_logits(c, path):
+def float32_logits(c, teacher, tok, path):
   """Our teacher and student (float32 numerics: dot_dtype off) on the first training prompt,
   computed here in the parent -> path (.npz): the check that both sides run the same models,
   apart from our numerics choices."""
   import jax.numpy as jnp
   import numpy as np
 
-  from gkd_jax import data, models
+  from gkd_jax import data
   from gkd_jax.models import students
 
-  teacher, tok = models.load(c.teacher.path, dtype="float32", param_dtype="float32")
   s = c.student.copy_and_resolve_references()
   s.dot_dtype = ""
   student = students.build_student(s, teacher, c.seed)
@@ -558,10 +556,12 @@ def main():
       c = our_config(a.steps, data, sets)
     except ValueError as e:
       raise SystemExit(str(e)) from None
+    teacher, tok = models.load(c.teacher.path, dtype="float32", param_dtype="float32")
     if "data.tokenized_dir" not in dict(sets):  # --set data.tokenized_dir='' reads via seqio
-      data["tokenized_dir"] = pretokenize(c, tmp)
+      data["tokenized_dir"] = pretokenize(c, tok, tmp)
       c = our_config(a.steps, data, sets)
-    float32_logits(c, os.path.join(tmp, "ours_f32.npz"))
+    float32_logits(c, teacher, tok, os.path.join(tmp, "ours_f32.npz"))
+    del teacher  # the parent stays small while the children run
     s = trl_settings(c)
     work = {
       "steps": a.steps,

@@ -51,9 +51,10 @@ def _rounded_bwd(eq, dtype, out_dtype, res, g_out):
   g = g_out.astype(dtype)
   dx = jnp.einsum(f"{out},{b}->{a}", g, wr, preferred_element_type=jnp.float32)
   dw = jnp.einsum(f"{a},{out}->{b}", xr, g, preferred_element_type=jnp.float32)
-  # keeps XLA from folding a consumer's transpose (a tied head's embed.T) into this dot: CPU
-  # XLA has no bf16 x bf16 -> f32 kernel for the dot layout that folding makes
-  dw = jax.lax.optimization_barrier(dw)
+  if jax.default_backend() == "cpu":
+    # keeps XLA from folding a consumer's transpose (a tied head's embed.T) into this dot: CPU
+    # XLA has no bf16 x bf16 -> f32 kernel for the dot layout that folding makes
+    dw = jax.lax.optimization_barrier(dw)
   return dx.astype(x0.dtype), dw.astype(w0.dtype)
 
 
