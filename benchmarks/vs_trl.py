@@ -11,11 +11,14 @@ optimizer settings (lr, warmup, cosine to 10%, clipping), CPU.
   ours: ``gkd_jax.train.Trainer`` built from configs/demo.py with the overrides above (the
         teacher-SFT stage and the SFT warm-up off, data.task gsm8k, data.max_prompt_len 160: one
         prompt bucket for the first steps' prompts, so no recompile falls in the timed steps)
-        and our numerics choices: teacher.dot_dtype and student.dot_dtype bfloat16 (bf16 matmul
-        inputs, f32 accumulation: a TPU's default precision; parameters, gradients and Adam stay
-        float32) and gkd.fused; batches from its data pipeline, tokenized by this parent process
-        into data.tokenized_dir, so the training process imports no TensorFlow; each step is ``Trainer.train_step`` (sampling, teacher
-        and student forwards, update) until its results are ready (jax.block_until_ready).
+        and our choices (README, "Speed against TRL"): teacher.dot_dtype and student.dot_dtype
+        bfloat16 (bf16 matmul inputs, f32 accumulation: a TPU's default precision; parameters,
+        gradients and Adam stay float32), gkd.fused with gkd.chunk_size 64, and
+        student.scan_layers with student.remat (the backward recomputes each layer: memory);
+        batches from its data pipeline, tokenized by this parent process into
+        data.tokenized_dir, so the training process imports no TensorFlow; each step is
+        ``Trainer.train_step`` (sampling, teacher and student forwards, update) until its
+        results are ready (jax.block_until_ready).
   TRL:  ``trl.experimental.gkd.GKDTrainer`` (lmbda 1, beta 0.5, temperature 1, max_new_tokens
         64, batch 4, no gradient accumulation, checkpointing or bf16, use_cpu, no workers,
         sequential sampling, no eval, saving or logging); a TrainerCallback times each step
@@ -133,11 +136,13 @@ def our_config(steps, data, sets):
   c.gkd.max_new_tokens = 64
   for sec in (c.teacher, c.student):
     sec.dtype = sec.param_dtype = "float32"
-  # our numerics choices (README, "Performance"): a TPU's default matmul precision (bf16 inputs,
-  # f32 accumulation) for both models, the fused head + loss; pass --set KEY='' (or False) to
-  # measure without one
+  # our choices (README, "Speed against TRL"): a TPU's default matmul precision (bf16 inputs,
+  # f32 accumulation) for both models, the fused head + loss in 64-token chunks, the student's
+  # layers scanned and rematerialised; pass --set KEY='' (or False) to measure without one
   c.teacher.dot_dtype = c.student.dot_dtype = "bfloat16"
   c.gkd.fused = True
+  c.gkd.chunk_size = 64
+  c.student.scan_layers = c.student.remat = True
   c.data.tokenized_dir = data.get("tokenized_dir", "")  # main() writes it (pretokenize)
   c.train.steps = steps
   c.train.ckpt_every = 0

@@ -99,10 +99,10 @@ def teacher_hidden(teacher, views):
   return [_hidden(tg, tp, v) for v in views]
 
 
-@functools.partial(jax.jit, static_argnames=("s_graphdef", "cap", "t_dot_dtype"))
-def _kl_sums(s_graphdef, s_params, t_h, t_w, view, cap, t_dot_dtype):
+@functools.partial(jax.jit, static_argnames=("s_graphdef", "cap", "t_dot_dtype", "t_layout"))
+def _kl_sums(s_graphdef, s_params, t_h, t_w, view, cap, t_dot_dtype, t_layout):
   s = steps.hidden_and_head(nnx.merge(s_graphdef, s_params), view)
-  kl = dv.forward_kl(steps.logits(*s), steps.logits(t_h, t_w, cap, t_dot_dtype))
+  kl = dv.forward_kl(steps.logits(*s), steps.logits(t_h, t_w, cap, t_dot_dtype, t_layout))
   _, (total, count) = dv.masked_mean(kl, view["loss_mask"], "token")
   return total, count
 
@@ -115,10 +115,11 @@ def token_kl(student, teacher, views, hidden=None):
   hidden = teacher_hidden(teacher, views) if hidden is None else hidden
   sg, sp, _ = sampling.split(student)
   teacher = sampling.split(teacher)[2]
-  w, cap, dd = teacher.head(), teacher.logit_softcap(), steps.head_dot_dtype(teacher)
+  (w, layout), cap = steps.unembedding(teacher), teacher.logit_softcap()
+  dd = steps.head_dot_dtype(teacher)
   total = count = 0.0
   for view, h in zip(views, hidden):
-    t, c = _kl_sums(sg, sp, h, w, view, cap, dd)
+    t, c = _kl_sums(sg, sp, h, w, view, cap, dd, layout)
     total, count = total + float(t), count + float(c)
   return total / max(count, 1.0)
 

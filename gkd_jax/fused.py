@@ -4,9 +4,11 @@ Student logits ``h_s @ W_s`` and teacher logits ``h_t @ W_t`` are computed one
 chunk of tokens at a time inside a ``lax.scan``; the per-token divergence (or ATKD's
 TKD/DKD) is reduced on the fly. Under differentiation a ``jax.custom_vjp`` computes
 the gradients w.r.t. the student hidden states and head *in the same pass* (no
-recomputation): dh_s chunks ``[C, D]`` and an accumulated dW_s ``[D, V]`` are the
-residuals, so peak memory is O(C*V + D*V) instead of O(N*V). The teacher side is
-stop-gradient (its cotangents are zero).
+recomputation): dh_s chunks ``[C, D]`` and dW_s are the residuals. dW_s accumulates over
+the chunks, or, when N <= 2D (fewer bytes than an accumulator's copies), is one matmul
+over the chunks' stacked logit cotangents; either way peak memory is O(C*V + D*V)
+instead of O(N*V). A head is ``[D, V]`` or, as a tied embedding is stored, ``[V, D]``
+(layout "vd": no transposed copy). The teacher side is stop-gradient (zero cotangents).
 
 Public entry: ``fused_loss``, computing a ``gkd_jax.losses`` object from the same pieces
 (``terms``, ``weights``, ``uncertainty``) as the unfused ``losses.loss_sum``; the pure
@@ -24,76 +26,103 @@ from gkd_jax import divergences as dv
 from gkd_jax import losses, sparse
 from gkd_jax.models import numerics
 
+LAYOUTS = ("dv", "vd")  # a head W is [D, V] or [V, D]
 
-def _logits(h_CxD, w_DxV, cap, dot_dtype=None):
-  z = numerics.dot("cd,dv->cv", h_CxD, w_DxV, dot_dtype or h_CxD.dtype, jnp.float32)
-  return dv.softcap(z, cap)
+
+def _dot(dot_dtype, layout):
+  """-> s_dot(h_CxD, w): raw float32 logits ``h @ W`` (``numerics.dot``; dot_dtype None: h's
+  dtype); w is ``[D, V]`` ("dv") or ``[V, D]`` ("vd")."""
+
+  def s_dot(h_CxD, w):
+    return numerics.dot(f"cd,{layout}->cv", h_CxD, w, dot_dtype or h_CxD.dtype, jnp.float32)
+
+  return s_dot
 
 
 def _chunks(x, n_chunks):
   return x.reshape((n_chunks, -1) + x.shape[1:])
 
 
-def _scan_terms(terms_fn, xs, n_chunks, grads, ws_DxV, wt_DtxV):
-  """Scan ``terms_fn`` over chunks; returns (loss_sum, metric_sums_K[, dh_s, dW_s])."""
+def _scan_terms(s_dot, terms_fn, xs, n_chunks, grads, ws, wt, stack):
+  """Scan over token chunks -> (loss_sum, metric_sums_K[, dh_s, dW_s or g_s]).
 
-  def chunk_loss(hs, ws, ht, tgt, w, m):
-    comps_CxK = terms_fn(hs, ws, ht, wt_DtxV, tgt)
+  ``s_dot(h_CxD, ws)`` gives a chunk's raw student logits z ``[C, V]``, ``terms_fn(z, ht, wt,
+  tgt)`` its loss terms ``[C, K]``. With grads, a chunk's logit cotangent g gives dh (the dot's
+  input gradient) at once, and dW accumulates in the scan's carry, or (stack) the chunks' g
+  come back stacked ``[N, V]`` for one dW matmul later (``_weight_grad``).
+  """
+
+  def chunk_loss(z, ht, tgt, w, m):
+    comps_CxK = terms_fn(z, ht, wt, tgt)
     loss = jnp.sum(jnp.where(w > 0, w * comps_CxK, 0.0))
     msum = jnp.sum(jnp.where(m[:, None] > 0, comps_CxK, 0.0), axis=0)
     return loss, msum
 
   def body(carry, x):
     hs, ht, tgt, w, m = x
-    if grads:
-      loss_acc, msum_acc, dws_acc = carry
-      (loss, msum), (dhs, dws) = jax.value_and_grad(chunk_loss, argnums=(0, 1), has_aux=True)(
-        hs, ws_DxV, ht, tgt, w, m
-      )
-      return (loss_acc + loss, msum_acc + msum, dws_acc + dws), dhs.astype(hs.dtype)
-    loss_acc, msum_acc = carry
-    loss, msum = chunk_loss(hs, ws_DxV, ht, tgt, w, m)
-    return (loss_acc + loss, msum_acc + msum), None
+    if not grads:
+      loss, msum = chunk_loss(s_dot(hs, ws), ht, tgt, w, m)
+      return (carry[0] + loss, carry[1] + msum), None
+    z, dot_vjp = jax.vjp(s_dot, hs, ws)
+    (loss, msum), g = jax.value_and_grad(chunk_loss, has_aux=True)(z, ht, tgt, w, m)
+    dhs, dws = dot_vjp(g)
+    carry = (carry[0] + loss, carry[1] + msum) + (() if stack else (carry[2] + dws,))
+    return carry, (dhs.astype(hs.dtype), g if stack else None)
 
   k = xs[3].shape[-1]
   init = (jnp.zeros((), jnp.float32), jnp.zeros((k,), jnp.float32))
-  if grads:
-    init += (jnp.zeros(ws_DxV.shape, jnp.float32),)
-  carry, dhs = jax.lax.scan(body, init, tuple(_chunks(x, n_chunks) for x in xs))
-  if grads:
-    return carry[0], carry[1], dhs.reshape(xs[0].shape), carry[2]
-  return carry
+  if grads and not stack:
+    init += (jnp.zeros(ws.shape, jnp.float32),)
+  carry, out = jax.lax.scan(body, init, tuple(_chunks(x, n_chunks) for x in xs))
+  if not grads:
+    return carry
+  n = xs[0].shape[0]
+  dws_or_g = out[1].reshape(n, -1) if stack else carry[2]
+  return carry[0], carry[1], out[0].reshape(xs[0].shape), dws_or_g
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _fused(terms_fn, n_chunks, hs_NxD, ws_DxV, ht_NxDt, wt_DtxV, tgt_N, w_NxK, m_N):
+def _weight_grad(s_dot, hs_NxD, ws, g_NxV):
+  """dW of ``s_dot(hs, ws)`` for the logit cotangent g (the dot's own backward matmul)."""
+  _, w_vjp = jax.vjp(lambda w_: s_dot(hs_NxD, w_), ws)
+  return w_vjp(g_NxV)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _fused(s_dot, terms_fn, n_chunks, stack, hs_NxD, ws, ht_NxDt, wt, tgt_N, w_NxK, m_N):
   xs = (hs_NxD, ht_NxDt, tgt_N, w_NxK, m_N)
-  return _scan_terms(terms_fn, xs, n_chunks, False, ws_DxV, wt_DtxV)
+  return _scan_terms(s_dot, terms_fn, xs, n_chunks, False, ws, wt, stack)
 
 
-def _fused_fwd(terms_fn, n_chunks, hs_NxD, ws_DxV, ht_NxDt, wt_DtxV, tgt_N, w_NxK, m_N):
+def _fused_fwd(s_dot, terms_fn, n_chunks, stack, hs_NxD, ws, ht_NxDt, wt, tgt_N, w_NxK, m_N):
   xs = (hs_NxD, ht_NxDt, tgt_N, w_NxK, m_N)
-  loss, msum, dhs, dws = _scan_terms(terms_fn, xs, n_chunks, True, ws_DxV, wt_DtxV)
-  zeros = (
-    jnp.zeros_like(ht_NxDt),
-    jnp.zeros_like(wt_DtxV),
-    None,
-    jnp.zeros_like(w_NxK),
-    jnp.zeros_like(m_N),
-  )
-  return (loss, msum), (dhs, dws.astype(ws_DxV.dtype), zeros)
+  loss, msum, dhs, dws_or_g = _scan_terms(s_dot, terms_fn, xs, n_chunks, True, ws, wt, stack)
+  if stack:
+    return (loss, msum), (dhs, dws_or_g, hs_NxD, ws)
+  return (loss, msum), (dhs, dws_or_g.astype(ws.dtype))
 
 
-def _fused_bwd(terms_fn, n_chunks, res, cot):
-  dhs, dws, zeros = res
+def _fused_bwd(s_dot, terms_fn, n_chunks, stack, res, cot):
   g = cot[0]  # metric sums are reported, not differentiated
-  return ((g * dhs).astype(dhs.dtype), (g * dws).astype(dws.dtype)) + zeros
+  dhs = res[0]
+  if stack:  # the cotangent scales g before the dW matmul rounds it, as unfused autodiff does
+    _, g_NxV, hs, ws = res
+    dws = _weight_grad(s_dot, hs, ws, g * g_NxV).astype(ws.dtype)
+  else:
+    dws = (g * res[1]).astype(res[1].dtype)
+  # None: a zero cotangent for the teacher side, targets, weights and mask (no zero arrays)
+  return ((g * dhs).astype(dhs.dtype), dws) + (None,) * 5
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def _check(hs, ws, ht, wt, mask, targets, loss, chunk_size):
+def _vocab(w, layout, what):
+  if layout not in LAYOUTS:
+    raise ValueError(f"{what}_layout must be one of {LAYOUTS}, got {layout!r}")
+  return w.shape[layout.index("v")] if w.ndim == 2 else None
+
+
+def _check(hs, ws, ht, wt, mask, targets, loss, chunk_size, s_layout, t_layout):
   if hs.ndim < 2 or ht.ndim < 2:
     raise ValueError("student_hidden and teacher_hidden must be [..., D]")
   if hs.shape[:-1] != ht.shape[:-1] or tuple(mask.shape) != tuple(hs.shape[:-1]):
@@ -101,15 +130,17 @@ def _check(hs, ws, ht, wt, mask, targets, loss, chunk_size):
       f"student_hidden {tuple(hs.shape)}, teacher_hidden {tuple(ht.shape)} and "
       f"mask {tuple(mask.shape)} must share the token axes [...]"
     )
-  if ws.ndim != 2 or wt.ndim != 2 or ws.shape[0] != hs.shape[-1] or wt.shape[0] != ht.shape[-1]:
+  vs, vt = _vocab(ws, s_layout, "student_head"), _vocab(wt, t_layout, "teacher_head")
+  ds = ws.shape[s_layout.index("d")] if ws.ndim == 2 else None
+  dt = wt.shape[t_layout.index("d")] if wt.ndim == 2 else None
+  if ds != hs.shape[-1] or dt != ht.shape[-1]:
     raise ValueError(
-      f"student_head must be [D={hs.shape[-1]}, V] and teacher_head "
-      f"[Dt={ht.shape[-1]}, V], got {tuple(ws.shape)} and {tuple(wt.shape)}"
+      f"student_head must be [D={hs.shape[-1]}, V] and teacher_head [Dt={ht.shape[-1]}, V] "
+      f"(or [V, D] with layout 'vd'), got {tuple(ws.shape)} ({s_layout!r}) and "
+      f"{tuple(wt.shape)} ({t_layout!r})"
     )
-  if ws.shape[1] != wt.shape[1]:
-    raise ValueError(
-      f"student_head and teacher_head vocab sizes differ: {ws.shape[1]} vs {wt.shape[1]}"
-    )
+  if vs != vt:
+    raise ValueError(f"student_head and teacher_head vocab sizes differ: {vs} vs {vt}")
   if not (isinstance(chunk_size, int) and chunk_size >= 1):
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
   if loss.needs_uncertainty:
@@ -136,6 +167,8 @@ def fused_loss(
   chunk_size=1024,
   student_dot_dtype=None,
   teacher_dot_dtype=None,
+  student_head_layout="dv",
+  teacher_head_layout="dv",
   **params,
 ):
   """Chunked head + loss. Returns ``(loss, aux)`` equal to the unfused path.
@@ -152,6 +185,8 @@ def fused_loss(
     chunk_size: tokens per chunk; peak memory ~ chunk_size * V floats per buffer.
     student_dot_dtype, teacher_dot_dtype: the heads' matmul input dtypes (``numerics.dot``;
       None: the hidden states' dtype), as the unfused ``steps.logits``.
+    student_head_layout, teacher_head_layout: "dv" (the head is ``[D, V]``) or "vd" (``[V, D]``,
+      a tied embedding as stored: no transposed copy, and its gradient in that layout).
     **params: with a loss name, its parameters (beta, alpha; ATKD's easy_weight,
       hard_fraction, split, base).
 
@@ -164,22 +199,35 @@ def fused_loss(
   elif params:
     raise ValueError(f"parameters {sorted(params)} go into the loss object, not fused_loss")
   _check(
-    student_hidden, student_head, teacher_hidden, teacher_head, mask, targets, loss, chunk_size
+    student_hidden,
+    student_head,
+    teacher_hidden,
+    teacher_head,
+    mask,
+    targets,
+    loss,
+    chunk_size,
+    student_head_layout,
+    teacher_head_layout,
   )
   temperature = dv.check_temperature(temperature)
-  dv.check_vocab_size(vocab_size, student_head.shape[1])
+  dv.check_vocab_size(vocab_size, _vocab(student_head, student_head_layout, "student_head"))
   at_t = {"temperature": temperature, "vocab_size": vocab_size}
 
-  def teacher_u(ht_c, wt, tgt_c):
-    return loss.uncertainty(_logits(ht_c, wt, teacher_softcap, teacher_dot_dtype), tgt_c, **at_t)
+  t_dot = _dot(teacher_dot_dtype, teacher_head_layout)
 
-  def terms_fn(hs_c, ws_, ht_c, wt, tgt_c):
-    s_logits = _logits(hs_c, ws_, student_softcap, student_dot_dtype)
-    t_logits = _logits(ht_c, wt, teacher_softcap, teacher_dot_dtype)
+  def teacher_u(ht_c, wt, tgt_c):
+    return loss.uncertainty(dv.softcap(t_dot(ht_c, wt), teacher_softcap), tgt_c, **at_t)
+
+  def terms_fn(zs_c, ht_c, wt, tgt_c):
+    s_logits = dv.softcap(zs_c, student_softcap)
+    t_logits = dv.softcap(t_dot(ht_c, wt), teacher_softcap)
     return jnp.stack(loss.terms(s_logits, t_logits, tgt_c, **at_t), axis=-1)
 
   return _chunked(
     loss,
+    student_dot_dtype,
+    student_head_layout,
     terms_fn,
     teacher_u,
     student_hidden,
@@ -209,6 +257,7 @@ def fused_cached_loss(
   student_softcap=None,
   chunk_size=1024,
   student_dot_dtype=None,
+  student_head_layout="dv",
 ):
   """``fused_loss`` against a cached sparse teacher (``gkd_jax.sparse``): the teacher's top-k
   ids ``[..., k]``, log-probs ``[..., k]`` and log tail mass ``[...]`` instead of its hidden
@@ -230,7 +279,13 @@ def fused_cached_loss(
     axis=-1,
   )
   temperature = dv.check_temperature(temperature)
-  dv.check_vocab_size(vocab_size, student_head.shape[1])
+  v = _vocab(student_head, student_head_layout, "student_head")
+  if v is None or student_head.shape[student_head_layout.index("d")] != student_hidden.shape[-1]:
+    raise ValueError(
+      f"student_head must be [D={student_hidden.shape[-1]}, V] (or [V, D] with layout 'vd'), "
+      f"got {tuple(student_head.shape)} ({student_head_layout!r})"
+    )
+  dv.check_vocab_size(vocab_size, v)
 
   def unpack(t_c, tgt_c):
     ids = t_c[:, :k].astype(jnp.int32)
@@ -242,11 +297,11 @@ def fused_cached_loss(
     _, lt, tb = unpack(t_c, tgt_c)
     return loss.uncertainty(lt, tb, temperature=1.0)
 
-  def terms_fn(hs_c, ws_, t_c, wt, tgt_c):
+  def terms_fn(zs_c, t_c, wt, tgt_c):
     del wt
     ids, lt, tb = unpack(t_c, tgt_c)
     ls = sparse.student_buckets(
-      _logits(hs_c, ws_, student_softcap, student_dot_dtype),
+      dv.softcap(zs_c, student_softcap),
       ids,
       temperature=temperature,
       vocab_size=vocab_size,
@@ -256,6 +311,8 @@ def fused_cached_loss(
   dummy = jnp.zeros((packed.shape[-1], 1), jnp.float32)
   return _chunked(
     loss,
+    student_dot_dtype,
+    student_head_layout,
     terms_fn,
     teacher_u,
     student_hidden,
@@ -271,6 +328,8 @@ def fused_cached_loss(
 
 def _chunked(
   loss,
+  student_dot_dtype,
+  student_head_layout,
   terms_fn,
   teacher_u,
   student_hidden,
@@ -283,7 +342,8 @@ def _chunked(
   chunk_size,
 ):
   """The chunked loss: ``teacher_u(t_c, W_t, tgt_c)`` pre-pass (losses that need the teacher's
-  uncertainty), the loss's weights, then ``terms_fn`` per chunk under the fused custom VJP."""
+  uncertainty), the loss's weights, then ``terms_fn(z_c, t_c, W_t, tgt_c)`` per chunk under the
+  fused custom VJP, z_c the chunk's raw student logits (``_dot``)."""
   teacher_x = jax.lax.stop_gradient(teacher_x)
   teacher_w = jax.lax.stop_gradient(teacher_w)
   tok_shape = mask.shape
@@ -308,10 +368,15 @@ def _chunked(
     u = jax.lax.stop_gradient(u.reshape(-1)[:n].reshape(tok_shape))
   ws, count, hard = loss.weights(mask, reduction, u)
 
+  # dW from the chunks' logit cotangents, stacked [N, V] float32, when they take fewer bytes
+  # than a dW accumulator's extra copies in the scan (about two [D, V] float32)
+  stack = n_chunks > 1 and n + pad <= 2 * hs.shape[-1]
   m = mask.astype(jnp.float32)
   total, msum = _fused(
+    _dot(student_dot_dtype, student_head_layout),
     terms_fn,
     n_chunks,
+    stack,
     hs,
     student_head,
     ht,

@@ -139,19 +139,27 @@ CACHED_TEACHER = ("teacher_ids", "teacher_logp", "teacher_tail")
 
 # ---------------------------------------------------------------------------- forwards
 class Head(NamedTuple):
-  """A model's LM head at the view's trained positions: logits == softcap(h @ W, cap), the
-  matmul's inputs rounded to ``dot_dtype`` (None: h's dtype) with float32 accumulation."""
+  """A model's LM head at the view's trained positions: logits ==
+  softcap(einsum(f"btd,{layout}->btv", h, w), cap), the matmul's inputs rounded to ``dot_dtype``
+  (None: h's dtype) with float32 accumulation."""
 
   h: jax.Array  # [B, K, D]
-  w: jax.Array  # [D, V]
+  w: jax.Array  # [D, V] ("dv") or [V, D] ("vd": a tied embedding, as stored)
   cap: float | None
   dot_dtype: str | None = None
+  layout: str = "dv"
 
 
 def head_dot_dtype(model) -> str | None:
   """The dtype of the LM head matmul's inputs: a decoder's ``cfg.matmul_dtype`` (its
   ``dot_dtype`` policy), None (the hidden states' dtype) for encoder-decoders."""
   return None if base.is_encoder_decoder(model) else model.cfg.matmul_dtype
+
+
+def unembedding(model) -> tuple[jax.Array, str]:
+  """(W, layout) of the model's LM head: a decoder's ``unembedding()``, ``(head(), "dv")`` for
+  encoder-decoders."""
+  return (model.head(), "dv") if base.is_encoder_decoder(model) else model.unembedding()
 
 
 def hidden_and_head(model, view) -> Head:
@@ -164,7 +172,8 @@ def hidden_and_head(model, view) -> Head:
     return Head(h, model.head(), model.logit_softcap())
   h = model.hidden_states(view["tokens"], mask_BxT=view["mask"])
   h = jnp.take_along_axis(h, view["loss_positions"][..., None], axis=1)
-  return Head(h, model.head(), model.logit_softcap(), head_dot_dtype(model))
+  w, layout = unembedding(model)
+  return Head(h, w, model.logit_softcap(), head_dot_dtype(model), layout)
 
 
 def frozen(head: Head) -> Head:
@@ -172,9 +181,10 @@ def frozen(head: Head) -> Head:
   return head._replace(h=jax.lax.stop_gradient(head.h), w=jax.lax.stop_gradient(head.w))
 
 
-def logits(h_BxTxD, w_DxV, cap, dot_dtype=None):
-  """softcap(h @ W) in float32 (``numerics.dot``: inputs in dot_dtype, default h's dtype)."""
-  z = numerics.dot("btd,dv->btv", h_BxTxD, w_DxV, dot_dtype or h_BxTxD.dtype, jnp.float32)
+def logits(h_BxTxD, w, cap, dot_dtype=None, layout="dv"):
+  """softcap(h @ W) in float32 (``numerics.dot``: inputs in dot_dtype, default h's dtype); w is
+  [D, V] for layout "dv", [V, D] for "vd"."""
+  z = numerics.dot(f"btd,{layout}->btv", h_BxTxD, w, dot_dtype or h_BxTxD.dtype, jnp.float32)
   return dv.softcap(z, cap)
 
 
@@ -211,6 +221,8 @@ def divergence_sum(s, t, view, spec: LossSpec):
       chunk_size=spec.chunk_size,
       student_dot_dtype=s.dot_dtype,
       teacher_dot_dtype=t.dot_dtype,
+      student_head_layout=s.layout,
+      teacher_head_layout=t.layout,
     )
     return (aux["sum"], {}) if spec.loss.per_token else (loss, aux)
   total, _, aux = losses.loss_sum(
@@ -243,6 +255,7 @@ def cached_divergence_sum(s, view, spec: LossSpec):
       student_softcap=s.cap,
       chunk_size=spec.chunk_size,
       student_dot_dtype=s.dot_dtype,
+      student_head_layout=s.layout,
     )
     return (aux["sum"], {}) if spec.loss.per_token else (loss, aux)
   total, _, aux = sparse.loss_sum(

@@ -30,7 +30,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from gkd_jax import config as config_lib
-from gkd_jax import evaluation, files, models, rollout, sharding, steps
+from gkd_jax import evaluation, files, hostmem, models, rollout, sharding, steps
 from gkd_jax.models import base as models_base
 from gkd_jax.models import students
 
@@ -208,10 +208,10 @@ class Trainer:
     self.graphdef, params = nnx.split(student)
     self.teacher = nnx.split(teacher)  # (graphdef, params)
     opt_state = sharding.on_mesh(jax.jit(self.optimizer.init)(params), self.mesh)
-    self._step_fn = jax.jit(
-      steps.train_step,
-      static_argnames=("graphdef", "teacher_graphdef", "spec", "optimizer", "grad_accum"),
-      donate_argnums=(1, 2),
+    static = ("graphdef", "teacher_graphdef", "spec", "optimizer", "grad_accum")
+    self._step_fn = hostmem.Precompiled(
+      jax.jit(steps.train_step, static_argnames=static, donate_argnames=("params", "opt_state")),
+      static,
     )
     self.ckpt = ocp.CheckpointManager(
       ckpt_dir(self.workdir),
@@ -236,6 +236,7 @@ class Trainer:
       self.cache = teacher_cache.Cache(c.teacher.cache)
       want = teacher_cache.expected_meta(c, self.teacher_path or c.teacher.path, self.tokenizer)
       teacher_cache.check_meta(self.cache.meta, want, c.teacher.cache)
+    hostmem.release()  # the load's host copies
     return TrainState(params, opt_state, 0, jax.random.PRNGKey(c.seed))
 
   def student(self, state):
@@ -357,13 +358,14 @@ class Trainer:
     r = self.rollout(batch, state.step, self.student(state), self.teacher, state.rng, warm)
     spec = dataclasses.replace(self.spec, mode="sft") if warm else self.spec
     params, opt_state, metrics = self._step_fn(
-      self.graphdef,
-      state.params,
-      state.opt_state,
-      *self.teacher,
-      r.view,
-      r.ce_view,
-      r.advantages,
+      graphdef=self.graphdef,
+      params=state.params,
+      opt_state=state.opt_state,
+      teacher_graphdef=self.teacher[0],
+      teacher_params=self.teacher[1],
+      view=r.view,
+      ce_view=r.ce_view,
+      advantages=r.advantages,
       spec=spec,
       optimizer=self.optimizer,
       grad_accum=self.config.optim.grad_accum,

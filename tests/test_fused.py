@@ -65,6 +65,32 @@ def test_value_and_grads_equal_unfused(loss, params, reduction, temperature, cap
     assert float(jnp.max(jnp.abs(x))) == 0.0
 
 
+@pytest.mark.parametrize("loss,params", [("fkl", {}), ("jsd", {"beta": 0.5}), ("atkd", {})])
+@pytest.mark.parametrize("b,t,d", [(3, 7, 16), (5, 9, 8)], ids=["dW-stacked", "dW-accumulated"])
+@pytest.mark.parametrize("layout", ["dv", "vd"])
+def test_dw_paths_and_head_layouts_equal_unfused(loss, params, b, t, d, layout):
+  """dW from stacked logit cotangents (N <= 2D) or a scan accumulator (N > 2D), and a head
+  given as [V, D] (a tied embedding as stored): the unfused value and gradients."""
+  k = jax.random.split(jax.random.PRNGKey(7), 5)
+  hs, ws = jax.random.normal(k[0], (b, t, d)), jax.random.normal(k[1], (d, V)) * 0.5
+  ht, wt = jax.random.normal(k[2], (b, t, DT)), jax.random.normal(k[3], (DT, V)) * 0.5
+  tgt = jax.random.randint(k[4], (b, t), 0, VREAL)
+  mask = jnp.array(np.random.default_rng(1).random((b, t)) < 0.7).at[0, 0].set(True)
+  kw = dict(loss=loss, reduction="token", temperature=1.0, caps=(None, None), **params)
+  ref = jax.value_and_grad(functools.partial(_unfused, **kw), argnums=(0, 1))
+  lay = (lambda w: w.T) if layout == "vd" else (lambda w: w)
+
+  def f(hs, w):
+    return fused_loss(hs, w, ht, lay(wt), mask, tgt, loss=loss, vocab_size=VREAL, chunk_size=4,
+                      student_head_layout=layout, teacher_head_layout=layout, **params)[0]
+
+  (a, (ga_h, ga_w)) = ref(hs, ws, ht, wt, tgt, mask)
+  (got, (g_h, g_w)) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(hs, lay(ws))
+  np.testing.assert_allclose(got, a, rtol=1e-5)
+  np.testing.assert_allclose(g_h, ga_h, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ga_h))))
+  np.testing.assert_allclose(lay(g_w), ga_w, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ga_w))))
+
+
 def test_aux_matches_unfused():
   hs, ws, ht, wt, tgt, mask = _inputs(1)
   _, aux = fused_loss(hs, ws, ht, wt, mask, loss="rkl", reduction="sequence", chunk_size=5)
@@ -125,7 +151,12 @@ def test_never_materialises_full_logits(loss):
       fused_loss(hs, ws, hs, ws, mask, loss=loss, chunk_size=16)[0]
   jaxpr = jax.make_jaxpr(jax.value_and_grad(f, argnums=(0, 1)))(hs, ws).jaxpr
   biggest = max(int(np.prod(a.shape)) for a in _all_avals(jaxpr))
-  assert biggest <= 16 * v * 1, biggest  # one chunk of logits at most
+  assert biggest <= 16 * v * 1, biggest  # one chunk of logits at most (N > 2D: dW accumulated)
+  hw, ww = jnp.ones((n, 32)), jnp.ones((32, v))  # N <= 2D: the stacked [N, V] cotangents
+  jaxpr = jax.make_jaxpr(jax.value_and_grad(
+      lambda h, w: fused_loss(h, w, h, w, mask, loss="fkl", chunk_size=16)[0], argnums=(0, 1)
+  ))(hw, ww).jaxpr
+  assert max(int(np.prod(a.shape)) for a in _all_avals(jaxpr)) <= 2 * 32 * v  # <= 2 [D, V]
   unfused = jax.make_jaxpr(jax.value_and_grad(
       lambda hs, ws: dv.forward_kl(hs @ ws, hs @ ws).mean(), argnums=(0, 1)))(hs, ws).jaxpr
   assert max(int(np.prod(a.shape)) for a in _all_avals(unfused)) >= n * v  # the check can fail
@@ -157,3 +188,7 @@ def test_bad_shapes():
     fused_loss(hs, ws.T, ht, wt, mask)
   with pytest.raises(ValueError, match="vocab sizes differ"):
     fused_loss(hs, ws, ht, wt[:, :-1], mask)
+  with pytest.raises(ValueError, match="student_head must be"):  # [D, V] said to be [V, D]
+    fused_loss(hs, ws, ht, wt, mask, student_head_layout="vd")
+  with pytest.raises(ValueError, match="teacher_head_layout must be one of"):
+    fused_loss(hs, ws, ht, wt, mask, teacher_head_layout="dd")

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -246,6 +247,22 @@ def test_prune_layers_matches_hf_with_layers_removed(qwen_pair):
     convert_llama.prune_layers(state, [0, 3])
   with pytest.raises(ValueError, match=r"duplicate indices \[1\]"):
     convert_llama.prune_layers(pruned, [1, 1])
+
+
+def test_a_pruned_student_keeps_none_of_the_teachers_arrays_alive(qwen_pair):
+  """The student's params are fresh buffers: once the teacher goes (or is cast, as a frozen
+  bf16 teacher is), none of its arrays stays alive through a host view the student aliases."""
+  import gc
+  import weakref
+
+  _, state, cfg = qwen_pair
+  teacher = convert_llama.from_hf_state_dict(cfg, state)
+  refs = [weakref.ref(a) for a in jax.tree.leaves(nnx.state(teacher, nnx.Param))]
+  student = convert_llama.prune_layers(teacher, [0, 2])
+  del teacher
+  gc.collect()
+  assert sum(r() is not None for r in refs) == 0
+  assert student.cfg.n_layers == 2
 
 
 def test_smaller_config():

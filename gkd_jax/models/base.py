@@ -32,6 +32,10 @@ class DecoderLM(Protocol):
   def head(self):
     """The unembedding W_DxV: logits == softcap(hidden_states @ W, logit_softcap())."""
 
+  def unembedding(self) -> tuple[Any, str]:
+    """(W, layout), W as stored: [D, V] for layout "dv", [V, D] (a tied embedding) for "vd";
+    logits == softcap(einsum(f"btd,{layout}->btv", hidden_states, W), logit_softcap())."""
+
   def logit_softcap(self) -> float | None:
     """The soft cap of the logits (``divergences.softcap``), None for none."""
 

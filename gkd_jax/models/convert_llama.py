@@ -253,7 +253,7 @@ def model_from_flat(cfg: LlamaConfig, flat: dict) -> Llama:
     raise ValueError(f"unknown parameters {unknown}")
 
   dt = jnp.dtype(cfg.param_dtype)
-  cast = lambda a: jnp.asarray(np.asarray(a), dtype=dt)
+  cast = lambda a: jnp.array(np.asarray(a), dtype=dt)  # a copy: never an alias of the source
   pure = {k: cast(flat[k]) for k in ("embed", "final_norm", "lm_head") if k in expected}
   names = {n.split(".", 2)[2] for n in expected if n.startswith("layers.")}
   per_layer = [{n: flat[f"layers.{i}.{n}"] for n in names} for i in range(cfg.n_layers)]

@@ -204,7 +204,7 @@ def from_hf_state_dict(
     expected = _hf_shape(kind, param.shape)
     if w.shape != expected:
       raise ValueError(f"tensor {name}: expected shape {expected}, got {w.shape}")
-    param.set_value(jnp.asarray(_to_ours(kind, w, param.shape), dtype=cfg.param_dtype))
+    param.set_value(jnp.array(_to_ours(kind, w, param.shape), dtype=cfg.param_dtype))  # a copy
   return model
 
 

@@ -347,9 +347,15 @@ class Llama(nnx.Module):
 
   # -- public API ------------------------------------------------------------
 
+  def unembedding(self):
+    """(W, layout) in param dtype: the tied embedding [V, D] as "vd" (used as it is stored, no
+    transposed copy), else lm_head [D, V] as "dv"."""
+    return (self.embed[...], "vd") if self.cfg.tie_embeddings else (self.lm_head[...], "dv")
+
   def head(self):
     """Unembedding W_DxV (param dtype); embedding.T when tied."""
-    return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+    w, layout = self.unembedding()
+    return w.T if layout == "vd" else w
 
   def logit_softcap(self) -> float | None:
     """The cap of softcap(h @ W), or None."""
@@ -357,7 +363,8 @@ class Llama(nnx.Module):
 
   def logits_from_hidden(self, h_BxTxD):
     """softcap(h @ W) in float32 (inputs in cfg.matmul_dtype, float32 accumulation)."""
-    logits = dot("btd,dv->btv", h_BxTxD, self.head(), self.cfg.matmul_dtype, jnp.float32)
+    w, layout = self.unembedding()
+    logits = dot(f"btd,{layout}->btv", h_BxTxD, w, self.cfg.matmul_dtype, jnp.float32)
     return softcap(logits, self.cfg.final_logit_softcap)
 
   def hidden_states(self, tokens_BxT, *, mask_BxT=None, positions_BxT=None):

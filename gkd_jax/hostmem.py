@@ -1,0 +1,68 @@
+"""Host memory (the machine's RAM): hand freed heap back, and compile a jitted step apart
+from its first run.
+
+glibc keeps freed memory in its heap arenas. After XLA compiles a large program (hundreds
+of MB of short-lived objects) or a model is built from host arrays, a process keeps that
+garbage, and a step's own buffers come on top of it. ``release()`` returns it to the
+system (``malloc_trim``). ``Precompiled`` compiles each new signature of a jitted function
+ahead of its run (``lower(...).compile()``), releases, then runs the executable: a first
+call then peaks at the step's own memory, not at compilation's garbage plus the step's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+
+import jax
+
+
+@functools.cache
+def _malloc_trim():
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+  except OSError:
+    return None
+  return getattr(libc, "malloc_trim", None)  # glibc only
+
+
+def release() -> bool:
+  """Returns the heap's free pages to the system (glibc ``malloc_trim(0)``). False where the
+  C library has no such call (nothing is done)."""
+  trim = _malloc_trim()
+  if trim is None:
+    return False
+  trim(0)
+  return True
+
+
+def _signature(tree):
+  """What an executable is compiled for: the tree, and each leaf's aval and sharding."""
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef, tuple(
+    (jax.typeof(x), x.sharding if isinstance(x, jax.Array) else None) for x in leaves
+  )
+
+
+class Precompiled:
+  """Calls ``jitted`` through executables compiled ahead, one per signature (the values of the
+  static arguments; the tree, avals and shardings of the others), with ``release()`` after
+  each compilation. Keyword arguments only; ``static`` names jitted's static arguments."""
+
+  def __init__(self, jitted, static):
+    self.jitted = jitted
+    self.static = frozenset(static)
+    self._executables = {}
+
+  def __call__(self, **kwargs):
+    dynamic = {k: v for k, v in kwargs.items() if k not in self.static}
+    key = (
+      tuple(sorted((k, v) for k, v in kwargs.items() if k in self.static)),
+      _signature(dynamic),
+    )
+    run = self._executables.get(key)
+    if run is None:
+      run = self._executables[key] = self.jitted.lower(**kwargs).compile()
+      release()
+    return run(**dynamic)
