@@ -83,6 +83,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.max_prompt_len = 256
   c.data.max_target_len = 64
   c.data.overlong = "truncate"
+  # prompt and target lengths pad to one of num_buckets sizes (max_len / 2**i, multiples of
+  # 8): fewer pad tokens, at most num_buckets**2 compiled step shapes
+  c.data.num_buckets = 3
   c.data.batch_size = 8  # global batch (all hosts)
 
   c.gkd = ml_collections.ConfigDict()
@@ -91,6 +94,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.gkd.sample_temperature = 1.0
   c.gkd.sample_dot_dtype = ""  # "" = the model's own numerics; "bfloat16": bf16 matmul inputs
   c.gkd.max_new_tokens = 64
+  c.gkd.sample_stop_at_eos = True  # False: every row samples max_new_tokens (EOS is a token)
   c.gkd.top_k = 0
   c.gkd.top_p = 1.0
   c.gkd.loss = "jsd"  # a gkd_jax.losses name: fkl | rkl | jsd | tvd | skl | srkl | atkd
@@ -332,6 +336,7 @@ def validate(config) -> ml_collections.ConfigDict:
     "gkd.chunk_size",
     "data.max_prompt_len",
     "data.max_target_len",
+    "data.num_buckets",
     "data.batch_size",
     "train.steps",
     "train.log_every",

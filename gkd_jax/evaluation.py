@@ -159,6 +159,7 @@ class Evaluator:
         num_epochs=1,
         shard_index=0,
         num_shards=1,
+        num_buckets=c.data.num_buckets,
         max_examples=c.eval.num_examples,
         **kw,
       )

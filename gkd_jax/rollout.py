@@ -90,7 +90,7 @@ class Rollout:
       temperature=g.sample_temperature,
       top_k=g.top_k,
       top_p=g.top_p,
-      eos_ids=[self.tokenizer.eos_id],
+      eos_ids=[self.tokenizer.eos_id] if g.sample_stop_at_eos else None,
       pad_id=pad,
       # the student's own dot_dtype, cast once up front (its decode reads half the bytes)
       dot_dtype=g.sample_dot_dtype or (source == "on_policy" and c.student.dot_dtype) or None,

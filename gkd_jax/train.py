@@ -261,6 +261,7 @@ class Trainer:
       shard_index=jax.process_index(),
       num_shards=jax.process_count(),
       start_step=start_step,
+      num_buckets=c.data.num_buckets,
       **data.config_kwargs(c.data, self.tokenizer, self.encdec),
     )
 

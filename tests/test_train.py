@@ -68,6 +68,28 @@ def test_mode_runs_end_to_end(tiny_dirs, tmp_path, name):
   assert os.path.isdir(tmp_path / "ckpt" / str(summary["step"]))
 
 
+def test_bucket_count_and_eos_stop_keys_reach_the_data_and_the_sampler(tiny_dirs, tmp_path,
+                                                                       monkeypatch):
+  from gkd_jax import sampling
+
+  seen, real = [], sampling.sample
+  monkeypatch.setattr(sampling, "sample", lambda *a, **k: seen.append(k["eos_ids"]) or real(*a, **k))
+  widths = {}
+  for buckets, stop in ((1, False), (3, True)):
+    c = tiny_config(tiny_dirs / "teacher", **{"gkd.lmbda": 1.0, "data.num_buckets": buckets,
+                                              "gkd.sample_stop_at_eos": stop,
+                                              "data.max_target_len": 96})
+    tr = train.Trainer(c, str(tmp_path / str(buckets)))
+    state = tr.setup()
+    batches = tr.train_batches(0)
+    widths[buckets] = {next(batches)["target_tokens"].shape[1] for _ in range(6)}
+    tr.train_step(state, next(batches))
+    tr.ckpt.close()
+  assert widths[1] == {96}  # one bucket: always the configured max (XSum summaries are short)
+  assert min(widths[3]) < 96  # three (24, 48, 96): short targets pad less
+  assert seen == [None, [tr.tokenizer.eos_id]]  # False: every row samples max_new_tokens
+
+
 def test_eval_samples_plot_and_hf_export(tiny_dirs, tmp_path):
   c = tiny_config(tiny_dirs / "teacher", **{"train.steps": 2, "train.sft_warmup_steps": 1,
                                             "eval.num_examples": 8, "eval.max_new_tokens": 6,
@@ -128,6 +150,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(tiny_dirs, tmp
     ({"teacher.dot_dtype": "int8"}, "config.teacher.dot_dtype = 'int8'"),
     ({"student.dot_dtype": "bf16"}, "config.student.dot_dtype = 'bf16'"),
     ({"data.max_prompt_len": 0}, "config.data.max_prompt_len"),
+    ({"data.num_buckets": 0}, "config.data.num_buckets"),
     ({"rl.alpha": 0.5, "gkd.lmbda": 0.5}, "config.gkd.lmbda.*rl.alpha < 1"),
     ({"mesh.data": 3}, r"config.mesh \(data=3, fsdp=1, model=2\) does not fit the 8"),
     ({"student.init": "path", "student.path": "/nonexistent/ckpt"}, "/nonexistent/ckpt"),
