@@ -116,10 +116,16 @@ def _fused_bwd(s_dot, terms_fn, n_chunks, stack, res, cot):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def _vocab(w, layout, what):
+def _head_vocab(w, layout, d, what):
+  """V of a head ``w`` in ``layout`` for hidden size d, checked."""
   if layout not in LAYOUTS:
     raise ValueError(f"{what}_layout must be one of {LAYOUTS}, got {layout!r}")
-  return w.shape[layout.index("v")] if w.ndim == 2 else None
+  if w.ndim != 2 or w.shape[layout.index("d")] != d:
+    raise ValueError(
+      f"{what} must be [D={d}, V] (or [V, D] with {what}_layout='vd'), got {tuple(w.shape)} "
+      f"({layout!r})"
+    )
+  return w.shape[layout.index("v")]
 
 
 def _check(hs, ws, ht, wt, mask, targets, loss, chunk_size, s_layout, t_layout):
@@ -130,15 +136,8 @@ def _check(hs, ws, ht, wt, mask, targets, loss, chunk_size, s_layout, t_layout):
       f"student_hidden {tuple(hs.shape)}, teacher_hidden {tuple(ht.shape)} and "
       f"mask {tuple(mask.shape)} must share the token axes [...]"
     )
-  vs, vt = _vocab(ws, s_layout, "student_head"), _vocab(wt, t_layout, "teacher_head")
-  ds = ws.shape[s_layout.index("d")] if ws.ndim == 2 else None
-  dt = wt.shape[t_layout.index("d")] if wt.ndim == 2 else None
-  if ds != hs.shape[-1] or dt != ht.shape[-1]:
-    raise ValueError(
-      f"student_head must be [D={hs.shape[-1]}, V] and teacher_head [Dt={ht.shape[-1]}, V] "
-      f"(or [V, D] with layout 'vd'), got {tuple(ws.shape)} ({s_layout!r}) and "
-      f"{tuple(wt.shape)} ({t_layout!r})"
-    )
+  vs = _head_vocab(ws, s_layout, hs.shape[-1], "student_head")
+  vt = _head_vocab(wt, t_layout, ht.shape[-1], "teacher_head")
   if vs != vt:
     raise ValueError(f"student_head and teacher_head vocab sizes differ: {vs} vs {vt}")
   if not (isinstance(chunk_size, int) and chunk_size >= 1):
@@ -211,7 +210,7 @@ def fused_loss(
     teacher_head_layout,
   )
   temperature = dv.check_temperature(temperature)
-  dv.check_vocab_size(vocab_size, _vocab(student_head, student_head_layout, "student_head"))
+  dv.check_vocab_size(vocab_size, student_head.shape[student_head_layout.index("v")])
   at_t = {"temperature": temperature, "vocab_size": vocab_size}
 
   t_dot = _dot(teacher_dot_dtype, teacher_head_layout)
@@ -279,12 +278,7 @@ def fused_cached_loss(
     axis=-1,
   )
   temperature = dv.check_temperature(temperature)
-  v = _vocab(student_head, student_head_layout, "student_head")
-  if v is None or student_head.shape[student_head_layout.index("d")] != student_hidden.shape[-1]:
-    raise ValueError(
-      f"student_head must be [D={student_hidden.shape[-1]}, V] (or [V, D] with layout 'vd'), "
-      f"got {tuple(student_head.shape)} ({student_head_layout!r})"
-    )
+  v = _head_vocab(student_head, student_head_layout, student_hidden.shape[-1], "student_head")
   dv.check_vocab_size(vocab_size, v)
 
   def unpack(t_c, tgt_c):

@@ -169,9 +169,9 @@ def hidden_and_head(model, view) -> Head:
     h = model.decoder_hidden_states(
       enc, view["encoder_mask"], view["decoder_tokens"], view["decoder_mask"]
     )
-    return Head(h, model.head(), model.logit_softcap())
-  h = model.hidden_states(view["tokens"], mask_BxT=view["mask"])
-  h = jnp.take_along_axis(h, view["loss_positions"][..., None], axis=1)
+  else:
+    h = model.hidden_states(view["tokens"], mask_BxT=view["mask"])
+    h = jnp.take_along_axis(h, view["loss_positions"][..., None], axis=1)
   w, layout = unembedding(model)
   return Head(h, w, model.logit_softcap(), head_dot_dtype(model), layout)
 
