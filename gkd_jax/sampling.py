@@ -102,15 +102,41 @@ def filter_logits(logits_BxV, top_k: int = 0, top_p: float = 1.0):
   return logits_BxV
 
 
+_CDF_BLOCK = 256  # tokens per block of the two-level inverse CDF
+
+
+def _below(x):
+  """The largest float32 below x (x > 0): a draw u < total, so that u picks a token."""
+  return jnp.nextafter(x, jnp.zeros_like(x))
+
+
 def inverse_cdf_sample(key, logp_BxV):
   """Exact categorical draw with one uniform per row (Gumbel-max needs V of them).
 
   Token i is chosen when cdf[i-1] <= u < cdf[i], u ~ U[0, cdf[-1]); zero-probability
-  tokens can never be chosen.
+  tokens can never be chosen. Two levels, so no length-V scan: u picks a block of
+  ``_CDF_BLOCK`` tokens by the cumulative block masses, then a token inside that block by
+  the block's own cumulative sum (the same rule, with shorter float32 sums).
   """
-  cdf_BxV = jnp.cumsum(jnp.exp(logp_BxV), axis=-1)
-  u_Bx1 = jax.random.uniform(key, (logp_BxV.shape[0], 1)) * cdf_BxV[:, -1:]
-  return jnp.minimum(jnp.sum(cdf_BxV <= u_Bx1, axis=-1), logp_BxV.shape[-1] - 1)
+  b, v = logp_BxV.shape
+  u_Bx1 = jax.random.uniform(key, (b, 1))
+  p_BxV = jnp.exp(logp_BxV)
+  if v <= _CDF_BLOCK:
+    cdf_BxV = jnp.cumsum(p_BxV, axis=-1)
+    return jnp.sum(cdf_BxV <= jnp.minimum(u_Bx1 * cdf_BxV[:, -1:], _below(cdf_BxV[:, -1:])), -1)
+  n = -(-v // _CDF_BLOCK)
+  p_BxNxC = jnp.pad(p_BxV, ((0, 0), (0, n * _CDF_BLOCK - v))).reshape(b, n, _CDF_BLOCK)
+  mass_BxN = jnp.sum(p_BxNxC, axis=-1)
+  cdf_BxN = jnp.cumsum(mass_BxN, axis=-1)
+  u_Bx1 = jnp.minimum(u_Bx1 * cdf_BxN[:, -1:], _below(cdf_BxN[:, -1:]))
+  blk_B = jnp.sum(cdf_BxN <= u_Bx1, axis=-1)  # its block has mass > 0
+  before_B = jnp.take_along_axis(cdf_BxN - mass_BxN, blk_B[:, None], axis=1)[:, 0]
+  row_BxC = jnp.take_along_axis(p_BxNxC, blk_B[:, None, None], axis=1)[:, 0]
+  cdf_BxC = jnp.cumsum(row_BxC, axis=-1)
+  # the residual, rescaled to the block's own sum (rounded apart from mass_BxN), stays below it
+  r_B = (u_Bx1[:, 0] - before_B) * (cdf_BxC[:, -1] / mass_BxN[jnp.arange(b), blk_B])
+  r_B = jnp.clip(r_B, 0.0, _below(cdf_BxC[:, -1]))
+  return blk_B * _CDF_BLOCK + jnp.sum(cdf_BxC <= r_B[:, None], axis=-1)
 
 
 def choose(logits_BxV, key, cfg: SampleConfig):

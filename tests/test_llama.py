@@ -313,3 +313,33 @@ def test_dot_dtype_validation():
   with pytest.raises(ValueError, match="dot_dtype"):
     LlamaConfig(vocab_size=8, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=4,
                 mlp_dim=8, dot_dtype="int8")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_one_query_attention_matches_a_naive_reference(dtype):
+  """The decode-step (T = 1) products-and-sums form of gqa_attention against a float64
+  loop over heads, with inputs rounded to `dtype` as the matmul form rounds them."""
+  from gkd_jax.models.llama import gqa_attention
+
+  r = np.random.default_rng(0)
+  b, h, k, s, dh = 3, 6, 2, 11, 8
+  q = r.normal(size=(b, 1, h, dh)).astype(np.float32)
+  kk, vv = (r.normal(size=(b, k, s, dh)).astype(np.float32) for _ in range(2))
+  mask = r.random((b, 1, s)) < 0.7
+  mask[:, :, 0] = True
+  out = np.asarray(gqa_attention(*map(jnp.asarray, (q, kk, vv, mask)), dtype), np.float64)
+  rnd = lambda x: np.asarray(jnp.asarray(x).astype(dtype).astype(jnp.float32), np.float64)
+  q, kk, vv = rnd(q), rnd(kk), rnd(vv)
+  want = np.zeros((b, 1, h, dh))
+  for i in range(b):
+    for j in range(h):
+      sc = kk[i, j // (h // k)] @ q[i, 0, j] / np.sqrt(dh)
+      sc = np.where(mask[i, 0], sc, -np.inf)
+      p = rnd(np.exp(sc - sc.max()) / np.exp(sc - sc.max()).sum())
+      want[i, 0, j] = p @ vv[i, j // (h // k)]
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(out, want, atol=tol, rtol=tol)
+  # and with the matmul form (T > 1), the same query given twice
+  two = gqa_attention(jnp.asarray(np.repeat(q, 2, 1), jnp.float32), jnp.asarray(kk, jnp.float32),
+                      jnp.asarray(vv, jnp.float32), jnp.asarray(np.repeat(mask, 2, 1)), dtype)
+  np.testing.assert_allclose(out, np.asarray(two[:, :1], np.float64), atol=tol, rtol=tol)

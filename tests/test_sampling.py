@@ -294,3 +294,31 @@ def test_dot_dtype_bad_input(llama):
                    n_decoder_layers=1, rel_buckets=8, rel_max_distance=16), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="dot_dtype"):
     sample(t5, PROMPTS, LENS, rng=jax.random.PRNGKey(0), max_new_tokens=2, dot_dtype="bfloat16")
+
+
+@pytest.mark.parametrize("v", [61, 256, 257, 5000])
+def test_inverse_cdf_draw_is_the_float64_inverse_cdf_of_its_uniform(v):
+  """The two-level draw (V > one block) picks, for the same uniform u, the token a float64
+  inverse CDF picks (up to float32 rounding at the boundaries), never a zero-probability one
+  (whole blocks of them included), and its frequencies follow p."""
+  r = np.random.default_rng(v)
+  logits = r.normal(size=(3, v)) * 2
+  logits[:, r.random(v) < 0.3] = -1e30
+  logits[0, : v // 2] = -1e30  # whole blocks of zero probability
+  logits[1, -1] = 8.0  # most mass in the last (padded) block
+  logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32))
+  keys = jax.random.split(jax.random.PRNGKey(0), 4000)
+  toks = np.asarray(jax.vmap(lambda k: sampling.inverse_cdf_sample(k, logp))(keys))
+  u = np.asarray(jax.vmap(lambda k: jax.random.uniform(k, (3, 1)))(keys), np.float64)[..., 0]
+  p = np.exp(np.asarray(logp, np.float64))
+  p /= p.sum(-1, keepdims=True)
+  cdf = np.cumsum(p, -1)
+  want = np.stack([np.searchsorted(cdf[b], u[:, b] * cdf[b, -1], side="right") for b in range(3)], 1)
+  assert (p[np.arange(3), toks] > 0).all()
+  assert (toks == want).mean() > 0.995
+  for b in range(3):
+    counts = np.bincount(toks[:, b], minlength=v)
+    keep = p[b] * len(keys) >= 5
+    obs = np.append(counts[keep], counts[~keep].sum())
+    exp = np.append(p[b, keep], p[b, ~keep].sum()) * len(keys)
+    assert scipy.stats.chisquare(obs, exp).pvalue > 1e-4
