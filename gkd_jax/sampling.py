@@ -160,8 +160,27 @@ def left_align(tokens_BxP, lengths_B, pad_id=0):
   return jnp.where(mask, out, pad_id), mask
 
 
-def _decode_loop(step_fn, first_logits_BxV, carry, rng, cfg: SampleConfig):
-  """Shared loop: choose from logits, feed the token back. step_fn(carry, tok, valid)."""
+_SEGMENT = 32  # decode steps per segment: each attends over only the cache slots filled by its end
+
+
+def segments(max_new_tokens: int, every: int | None = None) -> tuple[tuple[int, int], ...]:
+  """Decode steps 1..max_new_tokens-1 (step 0 samples from the prefill) as (start, stop) ranges
+  cut at multiples of ``every`` (a last range shorter than every / 2 joins the one before);
+  empty for one new token. ``every`` defaults to ``_SEGMENT``."""
+  every = every or _SEGMENT
+  cuts = [1] + list(range(every, max_new_tokens, every)) + [max_new_tokens]
+  if len(cuts) > 2 and cuts[-1] - cuts[-2] < every // 2:
+    del cuts[-2]
+  return tuple((a, b) for a, b in zip(cuts, cuts[1:]) if a < b)
+
+
+def _decode_loop(step_fn, first_logits_BxV, carry, rng, cfg: SampleConfig, grow=None):
+  """Shared loop: choose from logits, feed the token back. step_fn(carry, tok, valid).
+
+  The steps run as one ``lax.scan`` per ``segments(cfg.max_new_tokens)`` range; before the
+  range (start, stop), ``grow(carry, stop)`` may enlarge the carry (a decoder's KV cache, to
+  the slots that range fills), so early steps attend over fewer slots.
+  """
   eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
   b = first_logits_BxV.shape[0]
 
@@ -180,11 +199,14 @@ def _decode_loop(step_fn, first_logits_BxV, carry, rng, cfg: SampleConfig):
     tok, logp, valid, done = emit(logits, done, i)
     return (carry, tok, done), (tok, logp, valid)
 
-  steps = jnp.arange(1, cfg.max_new_tokens)
-  _, (toks, logps, valids) = jax.lax.scan(body, (carry, tok0, done0), steps)
-  toks = jnp.concatenate([tok0[None], toks], 0).T
-  logps = jnp.concatenate([lp0[None], logps], 0).T
-  mask = jnp.concatenate([v0[None], valids], 0).T
+  toks, logps, mask = [tok0[None]], [lp0[None]], [v0[None]]
+  state = (carry, tok0, done0)
+  for start, stop in segments(cfg.max_new_tokens) if grow else ((1, cfg.max_new_tokens),):
+    if grow:
+      state = (grow(state[0], stop),) + state[1:]
+    state, (t, lp, v) = jax.lax.scan(body, state, jnp.arange(start, stop))
+    toks, logps, mask = toks + [t], logps + [lp], mask + [v]
+  toks, logps, mask = (jnp.concatenate(x, 0).T for x in (toks, logps, mask))
   return Samples(toks, mask, mask.sum(1).astype(jnp.int32), logps)
 
 
@@ -192,6 +214,7 @@ def _decode_loop(step_fn, first_logits_BxV, carry, rng, cfg: SampleConfig):
 def _sample(graphdef, state, prompt_BxP, lengths_B, rng, cfg: SampleConfig):
   model = with_dot_dtype(graphdef, state, cfg.dot_dtype)
   b, p = prompt_BxP.shape
+  grow = None
   if base.is_encoder_decoder(model):
     enc_mask = jnp.arange(p)[None, :] < lengths_B[:, None]
     enc = model.encode(prompt_BxP, enc_mask)
@@ -205,14 +228,17 @@ def _sample(graphdef, state, prompt_BxP, lengths_B, rng, cfg: SampleConfig):
       return logits[:, -1], cache
   else:
     tokens, mask = left_align(prompt_BxP, lengths_B, cfg.pad_id)
-    cache = model.init_cache(b, p + cfg.max_new_tokens)
+    cache = model.init_cache(b, p)
     logits, cache = model.forward_with_cache(tokens, cache, mask_BxT=mask, last_only=True)
 
     def step(cache, tok_B, valid_B):
       logits, cache = model.forward_with_cache(tok_B[:, None], cache, mask_BxT=valid_B[:, None])
       return logits[:, -1], cache
 
-  return _decode_loop(step, logits[:, -1], cache, rng, cfg)
+    def grow(cache, stop):  # steps < stop write slots < p + stop - 1
+      return _cache_pad(cache, p + stop - 1)
+
+  return _decode_loop(step, logits[:, -1], cache, rng, cfg, grow)
 
 
 def check_prompts(model, prompt_tokens, prompt_lengths, max_new_tokens):
@@ -326,6 +352,20 @@ def _cache_take(cache, rows):
     out[name] = jax.tree.map(lambda a: jnp.take(a, rows, axis=a.ndim - 4), cache[name])
   if "kv_mask" in cache:
     out["kv_mask"] = jnp.take(cache["kv_mask"], rows, axis=0)
+  return out
+
+
+def _cache_pad(cache, slots):
+  """A decoder's KV cache with empty slots appended up to ``slots``: k/v leaves are
+  [B,K,S,Dh] per layer or stacked [L,B,K,S,Dh] (slot axis = ndim - 2), kv_mask [B,S]."""
+  pad = slots - cache["kv_mask"].shape[1]
+  if pad <= 0:
+    return cache
+  grow = lambda a, axis: jnp.pad(a, [(0, pad if d == axis else 0) for d in range(a.ndim)])
+  out = dict(cache)
+  for name in ("k", "v"):
+    out[name] = jax.tree.map(lambda a: grow(a, a.ndim - 2), cache[name])
+  out["kv_mask"] = grow(cache["kv_mask"], 1)
   return out
 
 

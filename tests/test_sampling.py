@@ -322,3 +322,49 @@ def test_inverse_cdf_draw_is_the_float64_inverse_cdf_of_its_uniform(v):
     obs = np.append(counts[keep], counts[~keep].sum())
     exp = np.append(p[b, keep], p[b, ~keep].sum()) * len(keys)
     assert scipy.stats.chisquare(obs, exp).pvalue > 1e-4
+
+
+def test_segments_cover_every_decode_step_once():
+  for n in range(1, 140):
+    for every in (4, 32):
+      segs = sampling.segments(n, every)
+      steps = [i for a, b in segs for i in range(a, b)]
+      assert steps == list(range(1, n))
+      assert all(b - a >= every // 2 for a, b in segs[1:])  # no tiny tail (an extra compile)
+  assert sampling.segments(128) == ((1, 32), (32, 64), (64, 96), (96, 128))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_a_cache_grown_by_segments_samples_what_one_full_cache_samples(llama, monkeypatch, scan):
+  """Segments attend over only the slots filled so far (the cache grows between them): the
+  draws, log-probs and EOS handling equal one scan over a full-length cache."""
+  import dataclasses
+  model = llama
+  if scan:
+    model = Llama(dataclasses.replace(CFG, scan_layers=True), rngs=nnx.Rngs(0))
+  eos = int(sample(model, PROMPTS, LENS, rng=jax.random.PRNGKey(0), max_new_tokens=2,
+                   temperature=0).tokens[2, 1])
+  out = {}
+  for every in (4, 10**6):
+    monkeypatch.setattr(sampling, "_SEGMENT", every)
+    sampling._sample.clear_cache()  # _SEGMENT is read when _sample traces
+    out[every] = sample(model, PROMPTS, LENS, rng=jax.random.PRNGKey(5), max_new_tokens=30,
+                        temperature=1.0, eos_ids=[eos])
+  assert len(sampling.segments(30, 4)) > 5
+  np.testing.assert_array_equal(out[4].tokens, out[10**6].tokens)
+  np.testing.assert_array_equal(out[4].mask, out[10**6].mask)
+  np.testing.assert_allclose(out[4].logprobs, out[10**6].logprobs, atol=1e-5)
+  sampling._sample.clear_cache()
+
+
+def test_sampling_a_model_cast_once_equals_casting_in_every_call(llama):
+  """numerics.with_dot_dtype outside the sampler (as the benchmark does, once) samples exactly
+  what sample(dot_dtype=...) samples, which casts inside every call."""
+  from gkd_jax.models.numerics import with_dot_dtype
+
+  cast = with_dot_dtype(*nnx.split(llama), "bfloat16")
+  assert cast.layers[0].wq[...].dtype == jnp.bfloat16
+  args = dict(rng=jax.random.PRNGKey(7), max_new_tokens=6, dot_dtype="bfloat16")
+  a, b = sample(llama, PROMPTS, LENS, **args), sample(cast, PROMPTS, LENS, **args)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  np.testing.assert_array_equal(a.logprobs, b.logprobs)
