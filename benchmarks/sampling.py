@@ -6,8 +6,10 @@ side), on this CPU. Both sides run twice: float32, and bfloat16 matmuls (ours:
 ``dot_dtype="bfloat16"``, bf16 weights and matmul inputs with float32 accumulation,
 attention and sampling in float32; HF: the model cast to bfloat16). Each side's bfloat16
 weights are cast once, before timing (ours with ``numerics.with_dot_dtype``, which changes no
-sampled number; HF at load); the "cast s" column is what ``sample(dot_dtype=...)`` on float32
-weights adds per call by casting inside. Compile time of our jitted sampler is reported apart.
+sampled number; HF at load); the "cast s" column is that cast, which ``sample(dot_dtype=...)``
+on float32 weights (a trainer's) does inside every call. Compile time of our jitted sampler is
+reported apart. The two sides' timed calls alternate (best of ``--repeats`` each), so a slow
+spell of a shared machine slows both.
 
 The headline table sets our fastest setting against HF's fastest (whichever of float32
 and bfloat16 is faster on this CPU). Its "matmul floor" times only the weight matmuls of
@@ -62,12 +64,19 @@ def main():
     prompts = np.array([x + [tok.pad_id] * (p - len(x)) for x in ids], np.int32)
     lengths = np.array([len(x) for x in ids], np.int32)
     for kind in KINDS:
-      first, ours, cast = _time_ours(model, prompts, lengths, a.new, kind, a.repeats)
+      run_ours, compile_s, cast_s = _ours(model, prompts, lengths, a.new, kind)
+      run_hf = _hf(hf[kind], tok, ids, p, lengths, a.new) if hf else None
+      times = {"ours": [], "hf": []}
+      for _ in range(a.repeats):  # alternating, so a slow spell of the machine hits both sides
+        times["ours"].append(_timed(run_ours))
+        if run_hf:
+          times["hf"].append(_timed(run_hf))
+      ours = min(times["ours"])
       ours_ms[b, kind] = ours / a.new * 1e3
       row = (f"{b:>5} {kind:>8} {b * a.new / ours:>10.1f} {ours_ms[b, kind]:>7.1f} "
-             f"{first - ours:>9.2f} {cast:>6.2f}")
-      if hf:
-        theirs = _time_hf(hf[kind], tok, ids, p, lengths, a.new, a.repeats)
+             f"{compile_s:>9.2f} {cast_s:>6.2f}")
+      if run_hf:
+        theirs = min(times["hf"])
         hf_ms[b, kind] = theirs / a.new * 1e3
         row += f" {b * a.new / theirs:>8.1f} {hf_ms[b, kind]:>6.1f} {theirs / ours:>14.2f}x"
       print(row, flush=True)
@@ -105,26 +114,30 @@ def _hf_models(path):
   return out
 
 
-def _time_ours(model, prompts, lengths, new, kind, repeats):
-  """-> (first call s, best call s, s a call spends casting float32 weights to ``kind``)."""
+def _ours(model, prompts, lengths, new, kind):
+  """-> (a timed call, compile s, s to cast the float32 weights to ``kind``: what
+  ``sample(dot_dtype=kind)`` on float32 weights adds to every call by casting inside)."""
   import jax
   from flax import nnx
   from gkd_jax.models.numerics import with_dot_dtype
   from gkd_jax.sampling import sample
   dot = None if kind == "float32" else kind
-  run = lambda m, seed: jax.block_until_ready(sample(
-      m, prompts, lengths, rng=jax.random.PRNGKey(seed), max_new_tokens=new,
-      temperature=1.0, dot_dtype=dot))
-  if dot:  # sample(f32 weights, dot_dtype) casts inside every call; time that apart
-    run(model, 0)
-    inside = min(_timed(lambda: run(model, 1)) for _ in range(repeats))
+  cast_s = 0.0
+  if dot:  # cast once, as HF's bfloat16 model is cast at load
+    cast = jax.jit(lambda st: nnx.state(with_dot_dtype(nnx.graphdef(model), st, dot)))
+    params = nnx.state(model)
+    jax.block_until_ready(cast(params))
+    cast_s = min(_timed(lambda: jax.block_until_ready(cast(params))) for _ in range(2))
     model = with_dot_dtype(*nnx.split(model), dot)
-  first = _timed(lambda: run(model, 0))
-  best = min(_timed(lambda: run(model, 1)) for _ in range(repeats))
-  return first, best, (max(inside - best, 0.0) if dot else 0.0)
+  run = lambda seed=1: jax.block_until_ready(sample(
+      model, prompts, lengths, rng=jax.random.PRNGKey(seed), max_new_tokens=new,
+      temperature=1.0, dot_dtype=dot))
+  first = _timed(lambda: run(0))
+  return run, first - _timed(run), cast_s
 
 
-def _time_hf(hf, tok, ids, p, lengths, new, repeats):
+def _hf(hf, tok, ids, p, lengths, new):
+  """-> a call of ``generate`` (warmed up once)."""
   import numpy as np
   import torch
   left = np.array([[tok.pad_id] * (p - len(x)) + x for x in ids])
@@ -136,7 +149,8 @@ def _time_hf(hf, tok, ids, p, lengths, new, repeats):
                   temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new,
                   min_new_tokens=new, pad_token_id=tok.pad_id)
 
-  return min(_timed(gen) for _ in range(repeats))
+  gen()
+  return gen
 
 
 def _matmul_floor_ms(model, b, kind, steps=32):

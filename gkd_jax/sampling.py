@@ -1,4 +1,9 @@
-"""Batched sampling with a KV cache: prefill once, then a ``lax.scan`` decode loop.
+"""Batched sampling with a KV cache: prefill once, then ``lax.scan`` decode loops.
+
+Decoder-only models decode in segments of ``_SEGMENT`` steps (``segments``): the KV cache
+grows between them, so each step attends over the slots filled by its segment's end, not
+over all prompt + max_new_tokens slots (about 0.7x the attention reads for 128 new tokens;
+one more compiled loop body per segment).
 
 Padding side: ``prompt_tokens [B, P]`` are RIGHT-padded (row b holds its prompt in
 ``[:prompt_lengths[b]]``, the layout data pipelines produce). For decoder-only
