@@ -205,9 +205,9 @@ def gqa_attention(q_BxTxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxTxS, dtype=jnp.floa
 
   Keys/values are [B, K, S, Dh] (the KV cache's layout, read in place). Scores and
   softmax in float32; both matmuls take inputs in `dtype`. One query (T = 1, a decode
-  step) runs as products and sums (each query row is a G x Dh by Dh x S matmul, too small
-  for a matmul kernel: CPU XLA does it in 0.7x the time this way); the sums are float32
-  whatever `dtype` is.
+  step) runs as products and sums: each row's G x Dh by Dh x S matmul is too small for a
+  matmul kernel (CPU XLA: 54 against 61 ms per batch-32 decode step of SmolLM2-135M); the
+  sums are float32 whatever `dtype` is.
   """
   b, t, h, dh = q_BxTxHxDh.shape
   k = k_BxKxSxDh.shape[1]
