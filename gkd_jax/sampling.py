@@ -135,11 +135,11 @@ def inverse_cdf_sample(key, logp_BxV):
   cdf_BxN = jnp.cumsum(mass_BxN, axis=-1)
   u_Bx1 = jnp.minimum(u_Bx1 * cdf_BxN[:, -1:], _below(cdf_BxN[:, -1:]))
   blk_B = jnp.sum(cdf_BxN <= u_Bx1, axis=-1)  # its block has mass > 0
-  before_B = jnp.take_along_axis(cdf_BxN - mass_BxN, blk_B[:, None], axis=1)[:, 0]
-  row_BxC = jnp.take_along_axis(p_BxNxC, blk_B[:, None, None], axis=1)[:, 0]
-  cdf_BxC = jnp.cumsum(row_BxC, axis=-1)
+  at = lambda x_BxN: jnp.take_along_axis(x_BxN, blk_B[:, None], axis=1)[:, 0]
+  mass_B = at(mass_BxN)
+  cdf_BxC = jnp.cumsum(jnp.take_along_axis(p_BxNxC, blk_B[:, None, None], axis=1)[:, 0], axis=-1)
   # the residual, rescaled to the block's own sum (rounded apart from mass_BxN), stays below it
-  r_B = (u_Bx1[:, 0] - before_B) * (cdf_BxC[:, -1] / mass_BxN[jnp.arange(b), blk_B])
+  r_B = (u_Bx1[:, 0] - (at(cdf_BxN) - mass_B)) * (cdf_BxC[:, -1] / mass_B)
   r_B = jnp.clip(r_B, 0.0, _below(cdf_BxC[:, -1]))
   return blk_B * _CDF_BLOCK + jnp.sum(cdf_BxC <= r_B[:, None], axis=-1)
 
@@ -366,11 +366,11 @@ def _cache_pad(cache, slots):
   pad = slots - cache["kv_mask"].shape[1]
   if pad <= 0:
     return cache
-  grow = lambda a, axis: jnp.pad(a, [(0, pad if d == axis else 0) for d in range(a.ndim)])
+  pad_axis = lambda a, axis: jnp.pad(a, [(0, pad if d == axis else 0) for d in range(a.ndim)])
   out = dict(cache)
   for name in ("k", "v"):
-    out[name] = jax.tree.map(lambda a: grow(a, a.ndim - 2), cache[name])
-  out["kv_mask"] = grow(cache["kv_mask"], 1)
+    out[name] = jax.tree.map(lambda a: pad_axis(a, a.ndim - 2), cache[name])
+  out["kv_mask"] = pad_axis(cache["kv_mask"], 1)
   return out
 
 
