@@ -112,9 +112,9 @@ def test_kv_cache_decode_matches_full_forward(qwen_pair, scan):
     cache = model.init_cache(3, 12)
     layer_shape = (3, cfg.n_kv_heads, 12, cfg.head_dim)
     if scan:  # stacked
-      assert cache["k"].shape == (cfg.n_layers,) + layer_shape
+      assert cache["k"].shape == cache["v"].shape == (cfg.n_layers,) + layer_shape
     else:  # one array per layer
-      assert [a.shape for a in cache["k"]] == [layer_shape] * cfg.n_layers
+      assert [a.shape for a in cache["k"] + cache["v"]] == [layer_shape] * (2 * cfg.n_layers)
     logits, cache = step(model, tokens[:, :4], cache, mask[:, :4])  # prefill
     outs = [logits]
     for i in range(4, 9):  # one-token decode
@@ -138,6 +138,27 @@ def test_scan_and_remat_match_loop(qwen_pair):
   g_loop = np.asarray(grads[0]["layers"][1]["wq"][...])
   g_scan = np.asarray(grads[1]["layers"]["wq"][...][1])
   np.testing.assert_allclose(g_scan, g_loop, rtol=1e-4, atol=1e-6)
+
+
+def test_kv_cache_holds_the_matmul_dtype(qwen_pair):
+  """With dot_dtype='bfloat16' the cache holds bf16 keys/values and attention over it takes
+  bf16 inputs (float32 accumulation): decoding differs from the model's own full forward
+  (whose attention is float32) by about what the bf16 weight matmuls move a float32 model's
+  logits (a wrong slot or layout would move them by far more)."""
+  _, state, cfg = qwen_pair
+  model = convert_llama.from_hf_state_dict(dataclasses.replace(cfg, dot_dtype="bfloat16"), state)
+  tokens, mask = jnp.asarray(_tokens(3, 9, seed=2)), jnp.asarray(LEFT_MASK)
+  full = model(tokens, mask_BxT=mask)
+  f32 = np.asarray(convert_llama.from_hf_state_dict(cfg, state)(tokens, mask_BxT=mask))
+  cache = model.init_cache(3, 12)
+  assert {a.dtype for a in cache["k"] + cache["v"]} == {jnp.dtype(jnp.bfloat16)}
+  step = nnx.jit(lambda m, t, c, mk: m.forward_with_cache(t, c, mask_BxT=mk))
+  outs = [step(model, tokens[:, :4], cache, mask[:, :4])]
+  for i in range(4, 9):
+    outs.append(step(model, tokens[:, i:i + 1], outs[-1][1], mask[:, i:i + 1]))
+  got = jnp.concatenate([o[0] for o in outs], axis=1)
+  rounding = _max_diff(full, f32, np.asarray(mask))  # what bf16 matmuls move the logits
+  assert 0 < _max_diff(got, full, np.asarray(mask)) < 2 * rounding
 
 
 def test_bf16_and_softcap(qwen_pair):
@@ -315,31 +336,31 @@ def test_dot_dtype_validation():
                 mlp_dim=8, dot_dtype="int8")
 
 
+@pytest.mark.parametrize("t", [1, 3])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_one_query_attention_matches_a_naive_reference(dtype):
-  """The decode-step (T = 1) products-and-sums form of gqa_attention against a float64
-  loop over heads, with inputs rounded to `dtype` as the matmul form rounds them."""
+def test_gqa_attention_matches_a_naive_reference(dtype, t):
+  """gqa_attention (keys/values [B, K, S, Dh]; one query = a decode step, or several) against
+  a float64 loop over rows, heads and queries, with q, k, v and the softmax probabilities
+  rounded to `dtype` as its matmul inputs are."""
   from gkd_jax.models.llama import gqa_attention
 
   r = np.random.default_rng(0)
   b, h, k, s, dh = 3, 6, 2, 11, 8
-  q = r.normal(size=(b, 1, h, dh)).astype(np.float32)
+  q = r.normal(size=(b, t, h, dh)).astype(np.float32)
   kk, vv = (r.normal(size=(b, k, s, dh)).astype(np.float32) for _ in range(2))
-  mask = r.random((b, 1, s)) < 0.7
+  mask = r.random((b, t, s)) < 0.7
   mask[:, :, 0] = True
-  out = np.asarray(gqa_attention(*map(jnp.asarray, (q, kk, vv, mask)), dtype), np.float64)
+  out = gqa_attention(*map(jnp.asarray, (q, kk, vv, mask)), dtype)
+  assert out.shape == (b, t, h, dh) and out.dtype == jnp.float32
   rnd = lambda x: np.asarray(jnp.asarray(x).astype(dtype).astype(jnp.float32), np.float64)
   q, kk, vv = rnd(q), rnd(kk), rnd(vv)
-  want = np.zeros((b, 1, h, dh))
+  want = np.zeros((b, t, h, dh))
   for i in range(b):
     for j in range(h):
-      sc = kk[i, j // (h // k)] @ q[i, 0, j] / np.sqrt(dh)
-      sc = np.where(mask[i, 0], sc, -np.inf)
-      p = rnd(np.exp(sc - sc.max()) / np.exp(sc - sc.max()).sum())
-      want[i, 0, j] = p @ vv[i, j // (h // k)]
+      for n in range(t):
+        sc = kk[i, j // (h // k)] @ q[i, n, j] / np.sqrt(dh)
+        sc = np.where(mask[i, n], sc, -np.inf)
+        p = rnd(np.exp(sc - sc.max()) / np.exp(sc - sc.max()).sum())
+        want[i, n, j] = p @ vv[i, j // (h // k)]
   tol = 1e-5 if dtype == jnp.float32 else 2e-2
-  np.testing.assert_allclose(out, want, atol=tol, rtol=tol)
-  # and with the matmul form (T > 1), the same query given twice
-  two = gqa_attention(jnp.asarray(np.repeat(q, 2, 1), jnp.float32), jnp.asarray(kk, jnp.float32),
-                      jnp.asarray(vv, jnp.float32), jnp.asarray(np.repeat(mask, 2, 1)), dtype)
-  np.testing.assert_allclose(out, np.asarray(two[:, :1], np.float64), atol=tol, rtol=tol)
+  np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=tol, rtol=tol)

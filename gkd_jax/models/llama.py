@@ -44,9 +44,11 @@ class LlamaConfig:
   dot_dtype: None (= dtype) or the dtype both inputs of every weight matmul are
     rounded to (the embedding table and tied head included); accumulation is float32
     and results return to dtype; gradients as ``numerics.dot`` (the backward matmuls
-    round too, cotangents keep the parameters' dtype). Attention and its KV cache stay
-    in dtype. "bfloat16" with float32 dtype is a TPU's default matmul precision; on
-    CPUs it halves the bytes a matmul reads.
+    round too, cotangents keep the parameters' dtype). Attention runs in dtype, except over
+    a KV cache (init_cache: keys and values stored in the matmul dtype), where its two
+    matmuls take inputs in the cache's dtype (decoding and prefill).
+    "bfloat16" with float32 dtype is a TPU's default matmul precision; on CPUs it halves
+    the bytes a matmul reads.
   """
 
   family: ClassVar[str] = "llama"  # gkd_jax.models.base.FAMILIES
@@ -201,32 +203,32 @@ def attention_mask(kv_mask_BxS, q_slots_T, sliding_window=None):
 
 
 def gqa_attention(q_BxTxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxTxS, dtype=jnp.float32):
-  """Grouped-query softmax attention -> [B, T, H, Dh] in `dtype`.
+  """Grouped-query softmax attention -> [B, T, H, Dh] in q's dtype.
 
-  Keys/values are [B, K, S, Dh] (the KV cache's layout, read in place). Scores and
-  softmax in float32; both matmuls take inputs in `dtype`. One query (T = 1, a decode
-  step) runs as products and sums: each row's G x Dh by Dh x S matmul is too small for a
-  matmul kernel (CPU XLA: 54 against 61 ms per batch-32 decode step of SmolLM2-135M); the
-  sums are float32 whatever `dtype` is.
+  Keys/values are [B, K, S, Dh] (the KV cache's layout, read in place). Both matmuls take
+  inputs rounded to `dtype` and accumulate in float32; scores and softmax are float32. Each
+  kv head's G x T queries form one [G*T, Dh] by [Dh, S] matmul: CPU XLA has a bfloat16 kernel
+  for every shape of that form (not of a two-free-dim einsum), and with bfloat16 inputs a
+  batch-32 decode step of SmolLM2-135M spends 17 ms in attention and cache writes (30 layers,
+  118 slots) against 28 ms in float32.
   """
   b, t, h, dh = q_BxTxHxDh.shape
-  k = k_BxKxSxDh.shape[1]
-  if t == 1:
-    q_BxKxGxDh = q_BxTxHxDh.reshape(b, k, h // k, dh).astype(dtype).astype(jnp.float32)
-    up = lambda x: x.astype(dtype).astype(jnp.float32)[:, :, None]  # [B, K, 1, S, Dh]
-    s_BxKxGxS = jnp.sum(q_BxKxGxDh[:, :, :, None] * up(k_BxKxSxDh), -1) * (dh**-0.5)
-    s_BxKxGxS = jnp.where(mask_BxTxS[:, :, None], s_BxKxGxS, _NEG_INF)
-    p_BxKxGxS = jax.nn.softmax(s_BxKxGxS, axis=-1).astype(dtype).astype(jnp.float32)
-    out_BxKxGxDh = jnp.sum(p_BxKxGxS[..., None] * up(v_BxKxSxDh), 3).astype(dtype)
-    return out_BxKxGxDh.reshape(b, 1, h, dh)
-  q_BxTxKxGxDh = q_BxTxHxDh.reshape(b, t, k, h // k, dh).astype(dtype)
-  s_BxKxGxTxS = jnp.einsum(
-    "btkgd,bksd->bkgts", q_BxTxKxGxDh, k_BxKxSxDh.astype(dtype), preferred_element_type=jnp.float32
+  k, g = k_BxKxSxDh.shape[1], h // k_BxKxSxDh.shape[1]
+  q_BxKxMxDh = q_BxTxHxDh.reshape(b, t, k, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, dh)
+  s_BxKxMxS = jnp.einsum(
+    "bkmd,bksd->bkms",
+    q_BxKxMxDh.astype(dtype),
+    k_BxKxSxDh.astype(dtype),
+    preferred_element_type=jnp.float32,
   ) * (dh**-0.5)
+  s_BxKxGxTxS = s_BxKxMxS.reshape(b, k, g, t, -1)
   s_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], s_BxKxGxTxS, _NEG_INF)
-  p_BxKxGxTxS = jax.nn.softmax(s_BxKxGxTxS, axis=-1).astype(dtype)
-  out_BxKxGxTxDh = jnp.einsum("bkgts,bksd->bkgtd", p_BxKxGxTxS, v_BxKxSxDh.astype(dtype))
-  return out_BxKxGxTxDh.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
+  p_BxKxMxS = jax.nn.softmax(s_BxKxGxTxS, axis=-1).astype(dtype).reshape(b, k, g * t, -1)
+  out_BxKxMxDh = jnp.einsum(
+    "bkms,bksd->bkmd", p_BxKxMxS, v_BxKxSxDh.astype(dtype), preferred_element_type=jnp.float32
+  )
+  out_BxTxKxGxDh = out_BxKxMxDh.reshape(b, k, g, t, dh).transpose(0, 3, 1, 2, 4)
+  return out_BxTxKxGxDh.reshape(b, t, h, dh).astype(q_BxTxHxDh.dtype)
 
 
 def default_positions(mask_BxT, offset_B=None):
@@ -273,11 +275,11 @@ class Block(nnx.Module):
   def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, inv_freq, kv=None, index=None):
     """Returns (x_BxTxD, (k, v)).
 
-    kv=None: keys are this call's T tokens; returns this call's k, v [B,K,T,Dh].
-    kv=(k_BxKxSxDh, v_BxKxSxDh, None) (this layer's cache) or (k_LxBxKxSxDh,
-    v_LxBxKxSxDh, layer) (stacked, under scan_layers): writes the T new keys/values
-    at slots [index, index+T) in place and attends over the layer's S slots;
-    returns the updated cache as given.
+    kv=None: keys are this call's T tokens, attention in the compute dtype; returns this
+    call's k, v [B,K,T,Dh]. kv=(k_BxKxSxDh, v_BxKxSxDh, None) (this layer's cache) or
+    (k_LxBxKxSxDh, v_LxBxKxSxDh, layer) (stacked, under scan_layers): writes the T new
+    keys/values at slots [index, index+T) in place and attends over the layer's S slots with
+    matmul inputs in the cache's dtype; returns the updated cache as given.
     """
     cfg, mm = self.cfg, jnp.dtype(self.cfg.matmul_dtype)
     h_BxTxD = rms_norm(x_BxTxD, self.attn_norm[...], cfg.rms_eps)
@@ -295,27 +297,20 @@ class Block(nnx.Module):
     k = apply_rope(k, positions_BxT, inv_freq)
     # keys/values as attention (and a KV cache) holds them: [B,K,T,Dh]
     k_BxKxTxDh, v_BxKxTxDh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    att_dtype = x_BxTxD.dtype
     if kv is not None:  # write the T new slots in place, attend over the whole cache
       k_cache, v_cache, layer = kv
+      att_dtype = v_cache.dtype  # the cache holds attention's matmul inputs, rounded
+      k_new, v_new = k_BxKxTxDh.astype(k_cache.dtype), v_BxKxTxDh.astype(v_cache.dtype)
       if layer is None:  # this layer's own cache [B,K,S,Dh]
-        k_cache = jax.lax.dynamic_update_slice(
-          k_cache, k_BxKxTxDh.astype(k_cache.dtype), (0, 0, index, 0)
-        )
-        v_cache = jax.lax.dynamic_update_slice(
-          v_cache, v_BxKxTxDh.astype(v_cache.dtype), (0, 0, index, 0)
-        )
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k_new, (0, 0, index, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v_new, (0, 0, index, 0))
         k_BxKxTxDh, v_BxKxTxDh = k_cache, v_cache
       else:  # stacked [L,B,K,S,Dh] (scan over layers)
-        start = (layer, 0, 0, index, 0)
-        k_cache = jax.lax.dynamic_update_slice(
-          k_cache, k_BxKxTxDh.astype(k_cache.dtype)[None], start
-        )
-        v_cache = jax.lax.dynamic_update_slice(
-          v_cache, v_BxKxTxDh.astype(v_cache.dtype)[None], start
-        )
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k_new[None], (layer, 0, 0, index, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v_new[None], (layer, 0, 0, index, 0))
         k_BxKxTxDh, v_BxKxTxDh = k_cache[layer], v_cache[layer]
-    # attention runs in the compute dtype (CPU XLA has no fast batched bf16 matmul)
-    out_BxTxHxDh = gqa_attention(q, k_BxKxTxDh, v_BxKxTxDh, mask_BxTxS, x_BxTxD.dtype)
+    out_BxTxHxDh = gqa_attention(q, k_BxKxTxDh, v_BxKxTxDh, mask_BxTxS, att_dtype)
     x_BxTxD = x_BxTxD + dot("bthk,hkd->btd", out_BxTxHxDh, self.wo[...], mm)
 
     h_BxTxD = rms_norm(x_BxTxD, self.mlp_norm[...], cfg.rms_eps)
@@ -392,12 +387,14 @@ class Llama(nnx.Module):
     return self.logits_from_hidden(h)
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
-    """Empty KV cache (default dtype: the compute dtype): kv_mask [B,S] bool; index
-    int32 scalar; k, v a tuple of L arrays [B,K,S,Dh] (one per layer, so attention
-    reads each in place), or under cfg.scan_layers one stacked [L,B,K,S,Dh] array."""
+    """Empty KV cache: kv_mask [B,S] bool; index int32 scalar; k, v a tuple of L arrays
+    [B,K,S,Dh] (one per layer, so attention reads each in place), or under cfg.scan_layers
+    one stacked [L,B,K,S,Dh] array. dtype (default: the matmul dtype, so a
+    dot_dtype="bfloat16" model keeps bf16 keys and values) is also the dtype attention's
+    matmuls over the cache take their inputs in."""
     cfg = self.cfg
     shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-    dtype = jnp.dtype(dtype or cfg.dtype)
+    dtype = jnp.dtype(dtype or cfg.matmul_dtype)
     if cfg.scan_layers:
       kv = lambda: jnp.zeros((cfg.n_layers,) + shape, dtype)
     else:
