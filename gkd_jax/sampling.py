@@ -292,9 +292,10 @@ def sample(
     temperature: 0 = greedy; top_k 0 = off; top_p 1 = off.
     eos_ids: int or iterable of ints; None = never stop early.
     dot_dtype: None (the model's own numerics) or e.g. "bfloat16": sample from the
-      model with every weight matmul's inputs rounded to bfloat16 and float32
-      accumulation (attention and sampling stay float32), as a TPU does by default;
-      ~1.5x faster on CPUs with AVX512-BF16/AMX. Decoder-only models only.
+      model with every matmul's inputs rounded to bfloat16 and float32 accumulation (the
+      weight matmuls, and attention's over a bf16 KV cache; softmax and sampling stay
+      float32), as a TPU does by default; ~1.6x faster on CPUs with AVX512-BF16/AMX.
+      Decoder-only models only.
   Returns: ``Samples`` (tokens, mask, lengths, logprobs), each ``[B, max_new_tokens]``
   (lengths ``[B]``).
   """
