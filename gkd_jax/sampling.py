@@ -115,45 +115,49 @@ def _below(x):
   return jnp.nextafter(x, jnp.zeros_like(x))
 
 
-def inverse_cdf_sample(key, logp_BxV):
-  """Exact categorical draw with one uniform per row (Gumbel-max needs V of them).
+def inverse_cdf_sample(key, logits_BxV):
+  """Exact categorical draw from softmax(logits) with one uniform per row (Gumbel-max needs V
+  of them) -> (token_B int32, logprob_B float32 = logits[token] - logsumexp(logits)).
 
-  Token i is chosen when cdf[i-1] <= u < cdf[i], u ~ U[0, cdf[-1]); zero-probability
-  tokens can never be chosen. Two levels, so no length-V scan: u picks a block of
-  ``_CDF_BLOCK`` tokens by the cumulative block masses, then a token inside that block by
-  the block's own cumulative sum (the same rule, with shorter float32 sums).
+  Token i is chosen when cdf[i-1] <= u < cdf[i], u ~ U[0, cdf[-1]), over the unnormalised
+  p = exp(logits - max); zero-probability tokens can never be chosen. Two levels, so no
+  length-V scan: u picks a block of ``_CDF_BLOCK`` tokens by the cumulative block masses,
+  then a token inside that block by the block's own cumulative sum (the same rule, with
+  shorter float32 sums). Only the block masses and the chosen block's p are formed: no
+  [B, V] probabilities or log-probabilities are written (two reads of the logits).
   """
-  b, v = logp_BxV.shape
-  u_Bx1 = jax.random.uniform(key, (b, 1))
-  p_BxV = jnp.exp(logp_BxV)
-  if v <= _CDF_BLOCK:
-    cdf_BxV = jnp.cumsum(p_BxV, axis=-1)
-    return jnp.sum(cdf_BxV <= jnp.minimum(u_Bx1 * cdf_BxV[:, -1:], _below(cdf_BxV[:, -1:])), -1)
+  b, v = logits_BxV.shape
   n = -(-v // _CDF_BLOCK)
-  p_BxNxC = jnp.pad(p_BxV, ((0, 0), (0, n * _CDF_BLOCK - v))).reshape(b, n, _CDF_BLOCK)
-  mass_BxN = jnp.sum(p_BxNxC, axis=-1)
+  max_Bx1 = jnp.max(logits_BxV, axis=-1, keepdims=True)
+  pad = ((0, 0), (0, n * _CDF_BLOCK - v))
+  logits_BxNxC = jnp.pad(logits_BxV, pad, constant_values=-jnp.inf).reshape(b, n, _CDF_BLOCK)
+  mass_BxN = jnp.sum(jnp.exp(logits_BxNxC - max_Bx1[..., None]), axis=-1)
   cdf_BxN = jnp.cumsum(mass_BxN, axis=-1)
-  u_Bx1 = jnp.minimum(u_Bx1 * cdf_BxN[:, -1:], _below(cdf_BxN[:, -1:]))
+  total_Bx1 = cdf_BxN[:, -1:]
+  u_Bx1 = jax.random.uniform(key, (b, 1))
+  u_Bx1 = jnp.minimum(u_Bx1 * total_Bx1, _below(total_Bx1))
   blk_B = jnp.sum(cdf_BxN <= u_Bx1, axis=-1)  # its block has mass > 0
   at = lambda x_BxN: jnp.take_along_axis(x_BxN, blk_B[:, None], axis=1)[:, 0]
   mass_B = at(mass_BxN)
-  cdf_BxC = jnp.cumsum(jnp.take_along_axis(p_BxNxC, blk_B[:, None, None], axis=1)[:, 0], axis=-1)
+  block_BxC = jnp.take_along_axis(logits_BxNxC, blk_B[:, None, None], axis=1)[:, 0]
+  cdf_BxC = jnp.cumsum(jnp.exp(block_BxC - max_Bx1), axis=-1)
   # the residual, rescaled to the block's own sum (rounded apart from mass_BxN), stays below it
   r_B = (u_Bx1[:, 0] - (at(cdf_BxN) - mass_B)) * (cdf_BxC[:, -1] / mass_B)
   r_B = jnp.clip(r_B, 0.0, _below(cdf_BxC[:, -1]))
-  return blk_B * _CDF_BLOCK + jnp.sum(cdf_BxC <= r_B[:, None], axis=-1)
+  in_block_B = jnp.sum(cdf_BxC <= r_B[:, None], axis=-1)
+  tok_B = (blk_B * _CDF_BLOCK + in_block_B).astype(jnp.int32)
+  logz_B = max_Bx1[:, 0] + jnp.log(total_Bx1[:, 0])
+  return tok_B, jnp.take_along_axis(block_BxC, in_block_B[:, None], axis=1)[:, 0] - logz_B
 
 
 def choose(logits_BxV, key, cfg: SampleConfig):
   """One token per row -> (token_B int32, logprob_B float32)."""
   logits_BxV = logits_BxV.astype(jnp.float32)
   if cfg.temperature == 0:
-    tok = jnp.argmax(logits_BxV, axis=-1)
-    logp = jax.nn.log_softmax(logits_BxV, axis=-1)
-  else:
-    logp = jax.nn.log_softmax(filter_logits(logits_BxV / cfg.temperature, cfg.top_k, cfg.top_p))
-    tok = inverse_cdf_sample(key, logp)
-  return tok.astype(jnp.int32), jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
+    tok = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    logz = jax.nn.logsumexp(logits_BxV, axis=-1)
+    return tok, jnp.take_along_axis(logits_BxV, tok[:, None], axis=-1)[:, 0] - logz
+  return inverse_cdf_sample(key, filter_logits(logits_BxV / cfg.temperature, cfg.top_k, cfg.top_p))
 
 
 def left_align(tokens_BxP, lengths_B, pad_id=0):

@@ -161,6 +161,27 @@ def test_kv_cache_holds_the_matmul_dtype(qwen_pair):
   assert 0 < _max_diff(got, full, np.asarray(mask)) < 2 * rounding
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_cache_write_is_dynamic_update_slice_bit_for_bit(dtype):
+  """The cache write (bf16 as its uint16 bits, so CPU XLA writes in place) stores exactly
+  what dynamic_update_slice stores, at a traced slot, for a layer's cache and a stacked one."""
+  from gkd_jax.models.llama import _write
+  r = np.random.default_rng(0)
+  special = np.array([np.nan, -0.0, np.inf, -np.inf, 1e-40], np.float32)
+  for shape, start in (((2, 3, 7, 4), lambda i: (0, 0, i, 0)), ((3, 2, 3, 7, 4), lambda i: (1, 0, 0, i, 0))):
+    cache = jnp.asarray(r.normal(size=shape), dtype)
+    new = r.normal(size=shape[:-2] + (2, shape[-1]))
+    new.reshape(-1)[: special.size] = special
+    new = jnp.asarray(new[:1] if len(shape) == 5 else new, dtype)
+    for i in (0, 3, 5):
+      got = jax.jit(lambda c, n, i: _write(c, n, start(i)))(cache, new, i)
+      want = jax.lax.dynamic_update_slice(cache, new, start(i))
+      assert got.dtype == cache.dtype
+      bits = jnp.uint16 if dtype == "bfloat16" else jnp.uint32
+      np.testing.assert_array_equal(jax.lax.bitcast_convert_type(got, bits),
+                                    jax.lax.bitcast_convert_type(want, bits))
+
+
 def test_bf16_and_softcap(qwen_pair):
   _, state, cfg = qwen_pair
   tokens, mask = jnp.asarray(_tokens(3, 9)), jnp.asarray(RIGHT_MASK)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
 import scipy.stats
 from flax import nnx
 
@@ -298,24 +299,26 @@ def test_dot_dtype_bad_input(llama):
 
 @pytest.mark.parametrize("v", [61, 256, 257, 5000])
 def test_inverse_cdf_draw_is_the_float64_inverse_cdf_of_its_uniform(v):
-  """The two-level draw (V > one block) picks, for the same uniform u, the token a float64
-  inverse CDF picks (up to float32 rounding at the boundaries), never a zero-probability one
-  (whole blocks of them included), and its frequencies follow p."""
+  """The two-level draw from logits (V > one block) picks, for the same uniform u, the token a
+  float64 inverse CDF of softmax(logits) picks (up to float32 rounding at the boundaries), never
+  a zero-probability one (whole blocks of them included), its frequencies follow p, and the
+  log-prob it returns is the float64 log-softmax at that token."""
   r = np.random.default_rng(v)
-  logits = r.normal(size=(3, v)) * 2
+  logits = r.normal(size=(3, v)) * 2 + 5.0  # unnormalised: the draw must not assume logsumexp 0
   logits[:, r.random(v) < 0.3] = -1e30
   logits[0, : v // 2] = -1e30  # whole blocks of zero probability
-  logits[1, -1] = 8.0  # most mass in the last (padded) block
-  logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32))
+  logits[1, -1] = 13.0  # most mass in the last (padded) block
   keys = jax.random.split(jax.random.PRNGKey(0), 4000)
-  toks = np.asarray(jax.vmap(lambda k: sampling.inverse_cdf_sample(k, logp))(keys))
+  draw = jax.vmap(lambda k: sampling.inverse_cdf_sample(k, jnp.asarray(logits, jnp.float32)))
+  toks, logps = (np.asarray(x) for x in draw(keys))
   u = np.asarray(jax.vmap(lambda k: jax.random.uniform(k, (3, 1)))(keys), np.float64)[..., 0]
-  p = np.exp(np.asarray(logp, np.float64))
-  p /= p.sum(-1, keepdims=True)
+  want_logp = scipy.special.log_softmax(np.asarray(logits, np.float32).astype(np.float64), -1)
+  p = np.exp(want_logp)
   cdf = np.cumsum(p, -1)
   want = np.stack([np.searchsorted(cdf[b], u[:, b] * cdf[b, -1], side="right") for b in range(3)], 1)
   assert (p[np.arange(3), toks] > 0).all()
   assert (toks == want).mean() > 0.995
+  np.testing.assert_allclose(logps, want_logp[np.arange(3), toks], atol=2e-5)
   for b in range(3):
     counts = np.bincount(toks[:, b], minlength=v)
     keep = p[b] * len(keys) >= 5
