@@ -299,7 +299,7 @@ def test_dot_dtype_bad_input(llama):
 
 @pytest.mark.parametrize("v", [61, 256, 257, 5000])
 def test_inverse_cdf_draw_is_the_float64_inverse_cdf_of_its_uniform(v):
-  """The two-level draw from logits (V > one block) picks, for the same uniform u, the token a
+  """The two-level draw from logits (one block or several) picks, for the same uniform u, the token a
   float64 inverse CDF of softmax(logits) picks (up to float32 rounding at the boundaries), never
   a zero-probability one (whole blocks of them included), its frequencies follow p, and the
   log-prob it returns is the float64 log-softmax at that token."""
