@@ -11,14 +11,19 @@ on float32 weights (a trainer's) does inside every call. Compile time of our jit
 reported apart. The two sides' timed calls alternate (best of ``--repeats`` each), so a slow
 spell of a shared machine slows both.
 
-The headline table sets our fastest setting against HF's fastest (whichever of float32
-and bfloat16 is faster on this CPU). Its "matmul floor" times only the weight matmuls of
-one decode step (7 per layer + the LM head in the model's own layout, jitted, no attention,
-no sampling) with the real weights: no sampler can do a step faster, so HF's step time
-divided by it bounds any speed-up.
+The headline table sets our fastest setting against HF's fastest (whichever of the kinds run
+is faster on this CPU). Its "matmul floor" times only the weight matmuls, with the real weights,
+in the model's own layout and ``numerics.dot`` form, jitted, no attention and no sampling:
+those of the prefill (every
+prompt token through the 7 matmuls per layer) and of one decode step (the same for one token
+per row, plus the LM head), spread over the new tokens as the ms columns are: (prefill + (new -
+1) * step) / new. No sampler can do better, so HF's time divided by it bounds any speed-up. On
+a CPU where the matmuls are compute-bound (batch 32, few GFLOP/s) that bound can be below 2x.
 
   python benchmarks/sampling.py                 # batch 1, 8, 32; 128 new tokens
   python benchmarks/sampling.py --batches 8 --new 64 --skip-hf
+  python benchmarks/sampling.py --kinds float32  # a CPU without fast bf16 (HF bf16 is slow there)
+  python benchmarks/sampling.py --batches 8 --skip-hf --no-weight-major  # A/B of numerics' CPU form
 """
 
 from __future__ import annotations
@@ -41,7 +46,15 @@ def main():
   ap.add_argument("--new", type=int, default=128)
   ap.add_argument("--repeats", type=int, default=2)
   ap.add_argument("--skip-hf", action="store_true", help="time only our sampler")
+  ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS,
+                  help="weight/matmul dtypes to run on both sides (default: both)")
+  ap.add_argument("--no-weight-major", action="store_true",
+                  help="plain x @ W in every matmul (numerics.CPU_WEIGHT_MAJOR_ROWS = ()): A/B")
   a = ap.parse_args()
+  kinds = tuple(a.kinds)
+  if a.no_weight_major:
+    from gkd_jax.models import numerics
+    numerics.CPU_WEIGHT_MAJOR_ROWS = ()
 
   import jax
   import numpy as np
@@ -49,9 +62,9 @@ def main():
   from gkd_jax.models import alias_path, load
 
   model, tok = load("smollm2-135m-instruct")
-  hf = {} if a.skip_hf else _hf_models(alias_path("smollm2-135m-instruct"))
+  hf = {} if a.skip_hf else _hf_models(alias_path("smollm2-135m-instruct"), kinds)
   print(f"SmolLM2-135M-Instruct, {a.new} new tokens, temperature 1, {os.cpu_count()} CPU "
-        f"cores; tok/s = batch*new/seconds (best of {a.repeats}); ms = per decode step")
+        f"cores; tok/s = batch*new/seconds (best of {a.repeats}); ms = per new token, prefill included")
   head = (f"{'batch':>5} {'kind':>8} {'ours tok/s':>10} {'ours ms':>7} {'compile s':>9} {'cast s':>6} "
           f"{'HF tok/s':>8} {'HF ms':>6} {'vs HF same kind':>15}")
   print(head)
@@ -63,7 +76,7 @@ def main():
     p = max(map(len, ids))
     prompts = np.array([x + [tok.pad_id] * (p - len(x)) for x in ids], np.int32)
     lengths = np.array([len(x) for x in ids], np.int32)
-    for kind in KINDS:
+    for kind in kinds:
       run_ours, compile_s, cast_s = _ours(model, prompts, lengths, a.new, kind)
       run_hf = _hf(hf[kind], tok, ids, p, lengths, a.new) if hf else None
       times = {"ours": [], "hf": []}
@@ -80,16 +93,16 @@ def main():
         hf_ms[b, kind] = theirs / a.new * 1e3
         row += f" {b * a.new / theirs:>8.1f} {hf_ms[b, kind]:>6.1f} {theirs / ours:>14.2f}x"
       print(row, flush=True)
-    floors[b] = {kind: _matmul_floor_ms(model, b, kind) for kind in KINDS}
+    floors[b] = {kind: _floor_ms(model, b, p, a.new, kind) for kind in kinds}
 
-  best = lambda d, b: min(KINDS, key=lambda k: d[b, k])
+  best = lambda d, b: min(kinds, key=lambda k: d[b, k])
   print("\nheadline: our fastest setting against HF's fastest (ms per step, prefill included)")
   head = (f"{'batch':>5} {'ours':>18} {'HF generate':>18} {'speed-up':>9} "
           f"{'matmul floor':>18} {'floor vs HF':>11}")
   print(head)
   print("-" * len(head))
   for b in a.batches:
-    o, f = best(ours_ms, b), min(KINDS, key=lambda k: floors[b][k])
+    o, f = best(ours_ms, b), min(kinds, key=lambda k: floors[b][k])
     cells = f"{b:>5} {ours_ms[b, o]:>9.1f} {o:>8}"
     if hf:
       h = best(hf_ms, b)
@@ -99,15 +112,16 @@ def main():
     cells += f" {floors[b][f]:>9.1f} {f:>8}"
     cells += f" {hf_ms[b, best(hf_ms, b)] / floors[b][f]:>10.2f}x" if hf else f" {'-':>11}"
     print(cells)
-  print("matmul floor: the weight matmuls of one decode step alone (7 per layer + the head, "
-        "jitted, no attention, no sampling); HF's step time over it bounds any sampler's speed-up.")
+  print("matmul floor: the weight matmuls alone (the prefill's, 7 per layer, and each decode "
+        "step's, 7 per layer + the head; jitted, no attention, no sampling), per new token as "
+        "(prefill + (new - 1) * step) / new; HF's time over it bounds any sampler's speed-up.")
 
 
-def _hf_models(path):
+def _hf_models(path, kinds):
   import torch
   from transformers import AutoModelForCausalLM
   out = {}
-  for kind in KINDS:
+  for kind in kinds:
     out[kind] = AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path),
         dtype=getattr(torch, kind)).eval()
@@ -153,10 +167,20 @@ def _hf(hf, tok, ids, p, lengths, new):
   return gen
 
 
-def _matmul_floor_ms(model, b, kind, steps=32):
-  """ms per step of the weight matmuls alone, in a lax.scan like the sampler's."""
+def _floor_ms(model, b, p, new, kind):
+  """ms per new token of the weight matmuls alone: (prefill + (new - 1) * step) / new, the way
+  the timed columns spread the prefill (one pass of b * p tokens, no head) over the tokens."""
+  step = _matmul_floor_ms(model, b, kind)
+  prefill = _matmul_floor_ms(model, b * p, kind, steps=1, head=False)
+  return (prefill + (new - 1) * step) / new
+
+
+def _matmul_floor_ms(model, rows, kind, steps=32, head=True):
+  """ms per step of the weight matmuls alone for ``rows`` tokens (7 per layer, + the LM head
+  with ``head``), in a lax.scan of ``steps`` like the sampler's."""
   import jax
   import jax.numpy as jnp
+  from gkd_jax.models.numerics import dot
 
   dt = jnp.dtype(kind)
   flat = lambda w, n: (w.reshape(-1, w.shape[-1]) if n == "wo" else w.reshape(w.shape[0], -1))
@@ -166,25 +190,25 @@ def _matmul_floor_ms(model, b, kind, steps=32):
   # the head as the model holds it: a tied head reads the [V, D] table (x @ E.T), the
   # layout the sampler's own head matmul uses; an untied one is [D, V]
   tied = model.cfg.tie_embeddings
-  head = (model.embed[...] if tied else model.head()).astype(dt)
-  mm = lambda x, w: jnp.dot(x.astype(dt), w, preferred_element_type=jnp.float32)
-  unembed = lambda x, w: (jnp.einsum("bd,vd->bv", x.astype(dt), w, preferred_element_type=jnp.float32)
-                          if tied else mm(x, w))
+  w_head = (model.embed[...] if tied else model.head()).astype(dt)
+  # numerics.dot, as the model's matmuls (on CPU, float32 at 2-64 rows: the weight-major form)
+  mm = lambda x, w: dot("bd,de->be", x, w, dt, jnp.float32)
+  unembed = lambda x, w: dot("bd,vd->bv" if tied else "bd,dv->bv", x, w, dt, jnp.float32)
 
   @jax.jit
-  def run(weights, head, x):
+  def run(weights, w_head, x):
     def body(x, _):
       for wq, wk, wv, wo, wg, wu, wd in weights:
         q = mm(x, wq)
         kv = mm(x, wk).sum(-1, keepdims=True) + mm(x, wv).sum(-1, keepdims=True)
         x = x + mm(q, wo) + 1e-9 * kv
         x = x + mm(jax.nn.silu(mm(x, wg)) * mm(x, wu), wd)
-      return x + unembed(x, head)[:, :x.shape[1]], None
+      return (x + unembed(x, w_head)[:, :x.shape[1]] if head else x), None
     return jax.lax.scan(body, x, None, length=steps)[0]
 
-  x = jnp.ones((b, model.cfg.d_model), jnp.float32)
-  jax.block_until_ready(run(weights, head, x))
-  return min(_timed(lambda: jax.block_until_ready(run(weights, head, x))) for _ in range(2)) / steps * 1e3
+  x = jnp.ones((rows, model.cfg.d_model), jnp.float32)
+  jax.block_until_ready(run(weights, w_head, x))
+  return min(_timed(lambda: jax.block_until_ready(run(weights, w_head, x))) for _ in range(2)) / steps * 1e3
 
 
 def _timed(fn):

@@ -54,6 +54,67 @@ def test_same_dtype_is_plain_einsum_autodiff():
     np.testing.assert_array_equal(g, h)
 
 
+WEIGHT_MAJOR = dict(EQS, **{"btd,vd->btv": ((2, 3, 8), (11, 8))})  # + a tied head's [V, D]
+
+
+def _barriers(eq, x, w):
+  jaxpr = jax.make_jaxpr(lambda x, w: numerics.dot(eq, x, w, x.dtype))(x, w)
+  return str(jaxpr).count("optimization_barrier")
+
+
+@pytest.mark.parametrize("eq", list(WEIGHT_MAJOR))
+def test_cpu_weight_major_dot_is_the_same_float32_matmul(eq, monkeypatch):
+  """float32, 2-64 rows (here 6): the CPU weight-major form (W[free, summed] @ x[summed, rows])
+  gives the float64 product and gradients to float32 rounding, and is the path taken: its
+  barriers appear in the jaxpr, and not outside the rows range, for bfloat16 inputs, or for a
+  batch index."""
+  monkeypatch.setattr(numerics, "CPU_WEIGHT_MAJOR_MIN_SIZE", 0)  # the test's weights are small
+  xs, ws = WEIGHT_MAJOR[eq]
+  r = np.random.default_rng(4)
+  x, w = (jnp.asarray(r.normal(size=s), jnp.float32) for s in (xs, ws))
+  c = r.normal(size=np.einsum(eq, np.zeros(xs), np.zeros(ws)).shape)
+  assert _barriers(eq, x, w) == 3
+  out = numerics.dot(eq, x, w, "float32")
+  c32 = jnp.asarray(c, jnp.float32)
+  gx, gw = jax.grad(lambda x, w: jnp.sum(c32 * numerics.dot(eq, x, w, "float32")), (0, 1))(x, w)
+  a, b, o = eq.replace("->", ",").split(",")
+  x64, w64 = np.float64(x), np.float64(w)
+  assert out.shape == np.einsum(eq, x64, w64).shape and out.dtype == jnp.float32
+  np.testing.assert_allclose(out, np.einsum(eq, x64, w64), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gx, np.einsum(f"{o},{b}->{a}", c, w64), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gw, np.einsum(f"{a},{o}->{b}", x64, c), rtol=1e-5, atol=1e-5)
+  assert _barriers(eq, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)) == 0
+  monkeypatch.setattr(numerics, "CPU_WEIGHT_MAJOR_ROWS", (7, 64))
+  assert _barriers(eq, x, w) == 0
+  monkeypatch.setattr(numerics, "CPU_WEIGHT_MAJOR_ROWS", (2, 64))
+  xb, wb = jnp.ones((3, 2, 4)), jnp.ones((3, 4, 5))
+  assert _barriers("bij,bjk->bik", xb, wb) == 0
+
+
+def test_a_llama_decode_with_weight_major_dots_draws_what_the_plain_dots_draw(monkeypatch):
+  """Greedy sampling (prefill, then 1-row-per-sequence decode steps: the weight-major form) with
+  and without it: the same tokens, log-probs within float32 summation-order noise."""
+  from gkd_jax.sampling import sample
+  cfg = LlamaConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                    head_dim=8, mlp_dim=48, tie_embeddings=True)
+  model = Llama(cfg, rngs=nnx.Rngs(5))
+  prompts = jnp.asarray(np.random.default_rng(5).integers(0, 64, (3, 6)), jnp.int32)
+  run = lambda: sample(model, prompts, jnp.asarray([6, 4, 5]), rng=jax.random.PRNGKey(0),
+                       max_new_tokens=9, temperature=0.0)
+  barriers, barrier = [], jax.lax.optimization_barrier
+  monkeypatch.setattr(jax.lax, "optimization_barrier", lambda x: barriers.append(1) or barrier(x))
+  monkeypatch.setattr(numerics, "CPU_WEIGHT_MAJOR_MIN_SIZE", 0)
+  jax.clear_caches()  # the constants are read at trace time
+  on, taken = run(), len(barriers)
+  monkeypatch.setattr(numerics, "CPU_WEIGHT_MAJOR_ROWS", ())
+  jax.clear_caches()
+  off = run()
+  assert taken > 0 and len(barriers) == taken  # weight-major in the first run only
+  np.testing.assert_array_equal(on.tokens, off.tokens)
+  np.testing.assert_allclose(on.logprobs, off.logprobs, rtol=1e-5, atol=1e-5)
+  jax.clear_caches()
+
+
 def test_out_dtype_and_bad_equations():
   x, w = jnp.ones((2, 4), jnp.bfloat16), jnp.ones((4, 3), jnp.float32)
   assert numerics.dot("cd,dv->cv", x, w, "bfloat16", jnp.float32).dtype == jnp.float32
