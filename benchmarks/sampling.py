@@ -14,10 +14,9 @@ spell of a shared machine slows both.
 The headline table sets our fastest setting against HF's fastest (whichever of the kinds run
 is faster on this CPU). Its "matmul floor" times only the weight matmuls, with the real weights,
 in the model's own layout and ``numerics.dot`` form, jitted, no attention and no sampling:
-those of the prefill (every
-prompt token through the 7 matmuls per layer) and of one decode step (the same for one token
-per row, plus the LM head), spread over the new tokens as the ms columns are: (prefill + (new -
-1) * step) / new. No sampler can do better, so HF's time divided by it bounds any speed-up. On
+those of the prefill (every prompt token through the 7 matmuls per layer) and of one decode
+step (the same for one token per row, plus the LM head), spread over the new tokens as the ms
+columns are: (prefill + (new - 1) * step) / new. No sampler can do better, so HF's time divided by it bounds any speed-up. On
 a CPU where the matmuls are compute-bound (batch 32, few GFLOP/s) that bound can be below 2x.
 
   python benchmarks/sampling.py                 # batch 1, 8, 32; 128 new tokens
