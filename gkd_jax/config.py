@@ -65,6 +65,10 @@ def defaults() -> ml_collections.ConfigDict:
   # precision; parameters, gradients and Adam stay in param_dtype. Decoder-only.
   c.student.dot_dtype = ""
   c.student.remat = False
+  # with remat, what each layer saves for its backward pass (Llama family): "full" nothing
+  # (least memory), "dots" its weight matmuls' outputs (the backward recomputes only attention
+  # and elementwise ops: faster, more memory)
+  c.student.remat_policy = "full"
   # Llama family: the layers as one scanned block (one layer compiled, not n: faster compiles
   # for deep students); not with train.top_layers.
   c.student.scan_layers = False
@@ -376,6 +380,13 @@ def validate(config) -> ml_collections.ConfigDict:
     isinstance(config.student.scan_layers, bool)
     and not (config.student.scan_layers and config.train.top_layers),
     "True or False, and False when train.top_layers > 0 (freezing needs per-layer parameters)",
+  )
+  need(
+    "student.remat_policy",
+    config.student.remat_policy in ("full", "dots")
+    and (config.student.remat or config.student.remat_policy == "full"),
+    "'full' or 'dots', and 'full' unless student.remat=True (it is what a rematerialised "
+    "layer saves)",
   )
   if config.mode == "gkd":
     need(

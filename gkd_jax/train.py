@@ -399,6 +399,7 @@ def teacher_sft_config(c) -> ml_collections.ConfigDict:
   s.gkd, s.rl = d.gkd, d.rl
   s.student.keep_layers, s.student.overrides = d.student.keep_layers, d.student.overrides
   s.student.remat, s.student.scan_layers = d.student.remat, d.student.scan_layers
+  s.student.remat_policy = d.student.remat_policy
   s.seed = c.teacher.sft.seed
   s.mode = "sft"
   s.student.init, s.student.path = "path", c.teacher.path

@@ -29,6 +29,13 @@ from gkd_jax.models import base
 from gkd_jax.models.numerics import dot
 
 ROPE_SCALING_TYPES = ("linear", "llama3")
+# cfg.remat_policy -> what a rematerialised layer saves for its backward pass: "full" nothing
+# (the backward recomputes the whole layer), "dots" the outputs of its weight matmuls (it
+# recomputes attention and the elementwise ops only)
+REMAT_POLICIES = {
+  "full": None,
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 _NEG_INF = -1e30  # finite, so fully masked (padding) rows stay NaN-free
 
 
@@ -41,6 +48,8 @@ class LlamaConfig:
     "original_max_position_embeddings"}; stored as a sorted tuple of items.
   sliding_window: None or Mistral-style window (key slot > query slot - window).
   param_dtype / dtype: parameter storage / compute dtype names; logits are float32.
+  remat / remat_policy: with remat each layer is rematerialised (jax.checkpoint); the policy
+    (REMAT_POLICIES) is what it saves for the backward pass.
   dot_dtype: None (= dtype) or the dtype both inputs of every weight matmul are
     rounded to (the embedding table and tied head included); accumulation is float32
     and results return to dtype; gradients as ``numerics.dot`` (the backward matmuls
@@ -72,6 +81,7 @@ class LlamaConfig:
   dtype: Any = "float32"
   dot_dtype: Any = None
   remat: bool = False
+  remat_policy: str = "full"
   scan_layers: bool = False
 
   def __post_init__(self):
@@ -116,6 +126,11 @@ class LlamaConfig:
       if not jnp.issubdtype(jnp.dtype(name), jnp.floating):
         raise ValueError(f"LlamaConfig.{f} must be a float dtype, got {name}")
       object.__setattr__(self, f, name)
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(
+        f"LlamaConfig.remat_policy must be one of {sorted(REMAT_POLICIES)}, "
+        f"got {self.remat_policy!r}"
+      )
     rs = self.rope_scaling
     if rs is not None:
       rs = dict(rs)
@@ -479,7 +494,7 @@ class Llama(nnx.Module):
     inv_freq = rope_inv_freq(cfg)
     run = _run_block
     if cfg.remat:
-      run = jax.checkpoint(_run_block, static_argnums=(0,))
+      run = jax.checkpoint(_run_block, static_argnums=(0,), policy=REMAT_POLICIES[cfg.remat_policy])
     has_cache = k_cache is not None
 
     if cfg.scan_layers:

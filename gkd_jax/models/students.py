@@ -37,11 +37,17 @@ def build_student(s, teacher, seed: int):
       dtype=s.dtype,
       param_dtype=s.param_dtype,
       remat=s.remat,
+      remat_policy=s.remat_policy,
       scan_layers=s.scan_layers,
       dot_dtype=s.dot_dtype or None,
     )
     if cfg != student.cfg:
       student = sfam.converter().with_config(student, cfg)
+  elif s.remat_policy != "full":
+    raise ValueError(
+      f"config.student.remat_policy={s.remat_policy!r} is for decoder-only (Llama-family) "
+      f"students; set it to 'full' for {sfam.name} students"
+    )
   elif s.dot_dtype:
     raise ValueError(
       f"config.student.dot_dtype={s.dot_dtype!r} is for decoder-only (Llama-family) students; "
