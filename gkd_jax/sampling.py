@@ -355,8 +355,8 @@ class BeamConfig:
 
 
 def _cache_take(cache, rows):
-  """Reorders the batch rows of a model cache: k/v leaves are [B,K,S,Dh] per layer
-  or stacked [L,B,...] (batch axis = ndim - 4); kv_mask [B,S]."""
+  """Reorders the batch rows of a model cache: k/v leaves with the batch axis at ndim - 4 (a
+  decoder's [B,K,S,Dh] per layer, T5's stacked [L,B,S,H,Dkv]); kv_mask [B,S]."""
   out = dict(cache)
   for name in ("k", "v"):
     out[name] = jax.tree.map(lambda a: jnp.take(a, rows, axis=a.ndim - 4), cache[name])
@@ -367,7 +367,7 @@ def _cache_take(cache, rows):
 
 def _cache_pad(cache, slots):
   """A decoder's KV cache with empty slots appended up to ``slots``: k/v leaves are
-  [B,K,S,Dh] per layer or stacked [L,B,K,S,Dh] (slot axis = ndim - 2), kv_mask [B,S]."""
+  [B,K,S,Dh], one per layer (slot axis = ndim - 2), kv_mask [B,S]."""
   pad = slots - cache["kv_mask"].shape[1]
   if pad <= 0:
     return cache

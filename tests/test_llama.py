@@ -110,11 +110,12 @@ def test_kv_cache_decode_matches_full_forward(qwen_pair, scan):
     full = model(tokens, mask_BxT=mask)
     step = nnx.jit(lambda m, t, c, mk: m.forward_with_cache(t, c, mask_BxT=mk))
     cache = model.init_cache(3, 12)
-    layer_shape = (3, cfg.n_kv_heads, 12, cfg.head_dim)
-    if scan:  # stacked
-      assert cache["k"].shape == cache["v"].shape == (cfg.n_layers,) + layer_shape
-    else:  # one array per layer
-      assert [a.shape for a in cache["k"] + cache["v"]] == [layer_shape] * (2 * cfg.n_layers)
+    layer_shape = (3, cfg.n_kv_heads, 12, cfg.head_dim)  # one array per layer, scanned or not
+    assert [a.shape for a in cache["k"] + cache["v"]] == [layer_shape] * (2 * cfg.n_layers)
+    if scan:  # the cached forward runs the layers unrolled (no scan carrying the whole cache)
+      jaxpr = str(jax.make_jaxpr(lambda m, t, c: m.forward_with_cache(t, c))(model, tokens, cache))
+      assert " scan[" not in jaxpr and "while[" not in jaxpr
+      assert " scan[" in str(jax.make_jaxpr(lambda m, t: m(t))(model, tokens))  # training: scanned
     logits, cache = step(model, tokens[:, :4], cache, mask[:, :4])  # prefill
     outs = [logits]
     for i in range(4, 9):  # one-token decode
@@ -169,7 +170,8 @@ def test_kv_cache_holds_the_matmul_dtype(qwen_pair):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_cache_write_is_dynamic_update_slice_bit_for_bit(dtype):
   """The cache write (bf16 as its uint16 bits, so CPU XLA writes in place) stores exactly
-  what dynamic_update_slice stores, at a traced slot, for a layer's cache and a stacked one."""
+  what dynamic_update_slice stores, at a traced slot, for a layer's cache [B,K,S,Dh] and a
+  5-D array."""
   from gkd_jax.models.llama import _write
   r = np.random.default_rng(0)
   special = np.array([np.nan, -0.0, np.inf, -np.inf, 1e-40], np.float32)
