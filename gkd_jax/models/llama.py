@@ -497,7 +497,7 @@ class Llama(nnx.Module):
 
     # unrolled, also for a scanned model's cached prefill and decode: each layer reads and
     # writes its own cache array in place (a scan carrying the whole cache ran the decode of a
-    # 10-layer student at half the speed on CPU, README "Sampling")
+    # 10-layer student at half the speed on CPU, README "Speed against TRL")
     if cfg.scan_layers:
       graphdef, stacked = nnx.split(self.layers)
       blocks = [(graphdef, jax.tree.map(lambda a: a[i], stacked)) for i in range(cfg.n_layers)]
