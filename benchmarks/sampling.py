@@ -13,7 +13,8 @@ spell of a shared machine slows both.
 
 The headline table sets our fastest setting against HF's fastest (whichever of the kinds run
 is faster on this CPU). Its "matmul floor" times only the weight matmuls, with the real weights,
-in the model's own layout and ``numerics.dot`` form, jitted, no attention and no sampling:
+in the faster of two layouts (``x @ W``, or weight-major ``W @ x`` with the weights transposed
+beforehand, as the model's decode reads them), jitted, no attention and no sampling:
 those of the prefill (every prompt token through the 7 matmuls per layer) and of one decode
 step (the same for one token per row, plus the LM head), spread over the new tokens as the ms
 columns are: (prefill + (new - 1) * step) / new. No sampler can do better, so HF's time divided by it bounds any speed-up. On
@@ -48,12 +49,12 @@ def main():
   ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS,
                   help="weight/matmul dtypes to run on both sides (default: both)")
   ap.add_argument("--no-weight-major", action="store_true",
-                  help="plain x @ W in every matmul (numerics.CPU_WEIGHT_MAJOR_ROWS = ()): A/B")
+                  help="plain x @ W in every matmul (numerics.CPU_WEIGHT_MAJOR_ROWS = {}): A/B")
   a = ap.parse_args()
   kinds = tuple(a.kinds)
   if a.no_weight_major:
     from gkd_jax.models import numerics
-    numerics.CPU_WEIGHT_MAJOR_ROWS = ()
+    numerics.CPU_WEIGHT_MAJOR_ROWS = {}
 
   import jax
   import numpy as np
@@ -168,44 +169,53 @@ def _hf(hf, tok, ids, p, lengths, new):
 
 def _floor_ms(model, b, p, new, kind):
   """ms per new token of the weight matmuls alone: (prefill + (new - 1) * step) / new, the way
-  the timed columns spread the prefill (one pass of b * p tokens, no head) over the tokens."""
-  step = _matmul_floor_ms(model, b, kind)
-  prefill = _matmul_floor_ms(model, b * p, kind, steps=1, head=False)
-  return (prefill + (new - 1) * step) / new
+  the timed columns spread the prefill (one pass of b * p tokens, no head) over the tokens. Each
+  pass takes the faster of the two matmul layouts (``x @ W``, weight-major ``W @ x``)."""
+  best = lambda **kw: min(_matmul_floor_ms(model, kind=kind, weight_major=wm, **kw)
+                          for wm in (False, True))
+  return (best(rows=b * p, steps=1, head=False) + (new - 1) * best(rows=b)) / new
 
 
-def _matmul_floor_ms(model, rows, kind, steps=32, head=True):
+def _matmul_floor_ms(model, rows, kind, weight_major, steps=32, head=True):
   """ms per step of the weight matmuls alone for ``rows`` tokens (7 per layer, + the LM head
-  with ``head``), in a lax.scan of ``steps`` like the sampler's."""
+  with ``head``), in a lax.scan of ``steps`` like the sampler's: inputs in ``kind``, float32
+  accumulation. weight_major: the weights pre-transposed to [out, in] and the activations
+  carried as [in, rows] (no transposes in the loop; a plain einsum, since XLA compiles this
+  harness's optimisation-barrier form, unlike the model's, to a float32 dot)."""
   import jax
   import jax.numpy as jnp
-  from gkd_jax.models.numerics import dot
 
   dt = jnp.dtype(kind)
   flat = lambda w, n: (w.reshape(-1, w.shape[-1]) if n == "wo" else w.reshape(w.shape[0], -1))
-  weights = [tuple(flat(getattr(blk, n)[...], n).astype(dt)
+  orient = (lambda w: w.T) if weight_major else (lambda w: w)
+  weights = [tuple(orient(flat(getattr(blk, n)[...], n)).astype(dt)
                    for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"))
              for blk in model.layers]
-  # the head as the model holds it: a tied head reads the [V, D] table (x @ E.T), the
-  # layout the sampler's own head matmul uses; an untied one is [D, V]
-  tied = model.cfg.tie_embeddings
-  w_head = (model.embed[...] if tied else model.head()).astype(dt)
-  # numerics.dot, as the model's matmuls (on CPU, float32 at 2-64 rows: the weight-major form)
-  mm = lambda x, w: dot("bd,de->be", x, w, dt, jnp.float32)
-  unembed = lambda x, w: dot("bd,vd->bv" if tied else "bd,dv->bv", x, w, dt, jnp.float32)
+  # the head as the model holds it: a tied head reads the [V, D] table, an untied one [D, V]
+  w_head = (model.embed[...] if model.cfg.tie_embeddings else model.head()).astype(dt)
+  if weight_major != model.cfg.tie_embeddings:
+    w_head = w_head.T  # [V, D] for weight-major, [D, V] for x @ W
+  eq = "ed,dr->er" if weight_major else "rd,de->re"
+  mm = lambda x, w: jnp.einsum(eq, *((w, x.astype(dt)) if weight_major else (x.astype(dt), w)),
+                               preferred_element_type=jnp.float32)
+  d = 0 if weight_major else 1  # the model dim of the carried activations
 
   @jax.jit
   def run(weights, w_head, x):
     def body(x, _):
       for wq, wk, wv, wo, wg, wu, wd in weights:
         q = mm(x, wq)
-        kv = mm(x, wk).sum(-1, keepdims=True) + mm(x, wv).sum(-1, keepdims=True)
+        kv = mm(x, wk).sum(d, keepdims=True) + mm(x, wv).sum(d, keepdims=True)
         x = x + mm(q, wo) + 1e-9 * kv
         x = x + mm(jax.nn.silu(mm(x, wg)) * mm(x, wu), wd)
-      return (x + unembed(x, w_head)[:, :x.shape[1]] if head else x), None
+      if head:
+        y = mm(x, w_head)
+        x = x + (y[: x.shape[0]] if weight_major else y[:, : x.shape[1]])
+      return x, None
     return jax.lax.scan(body, x, None, length=steps)[0]
 
-  x = jnp.ones((rows, model.cfg.d_model), jnp.float32)
+  shape = (model.cfg.d_model, rows) if weight_major else (rows, model.cfg.d_model)
+  x = jnp.ones(shape, jnp.float32)
   jax.block_until_ready(run(weights, w_head, x))
   return min(_timed(lambda: jax.block_until_ready(run(weights, w_head, x))) for _ in range(2)) / steps * 1e3
 

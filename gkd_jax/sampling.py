@@ -116,8 +116,13 @@ def _below(x):
 
 
 def inverse_cdf_sample(key, logits_BxV):
-  """Exact categorical draw from softmax(logits) with one uniform per row (Gumbel-max needs V
-  of them) -> (token_B int32, logprob_B float32 = logits[token] - logsumexp(logits)).
+  """``inverse_cdf_draw`` with the row uniforms ``jax.random.uniform(key, (B, 1))``."""
+  return inverse_cdf_draw(jax.random.uniform(key, (logits_BxV.shape[0], 1)), logits_BxV)
+
+
+def inverse_cdf_draw(u_Bx1, logits_BxV):
+  """Exact categorical draw from softmax(logits) with one uniform u in [0, 1) per row (Gumbel-max
+  needs V of them) -> (token_B int32, logprob_B float32 = logits[token] - logsumexp(logits)).
 
   Token i is chosen when cdf[i-1] <= u < cdf[i], u ~ U[0, cdf[-1]), over the unnormalised
   p = exp(logits - max); zero-probability tokens can never be chosen. Two levels, so no
@@ -134,7 +139,6 @@ def inverse_cdf_sample(key, logits_BxV):
   mass_BxN = jnp.sum(jnp.exp(logits_BxNxC - max_Bx1[..., None]), axis=-1)
   cdf_BxN = jnp.cumsum(mass_BxN, axis=-1)
   total_Bx1 = cdf_BxN[:, -1:]
-  u_Bx1 = jax.random.uniform(key, (b, 1))
   u_Bx1 = jnp.minimum(u_Bx1 * total_Bx1, _below(total_Bx1))
   blk_B = jnp.sum(cdf_BxN <= u_Bx1, axis=-1)  # its block has mass > 0
   at = lambda x_BxN: jnp.take_along_axis(x_BxN, blk_B[:, None], axis=1)[:, 0]
@@ -150,14 +154,24 @@ def inverse_cdf_sample(key, logits_BxV):
   return tok_B, jnp.take_along_axis(block_BxC, in_block_B[:, None], axis=1)[:, 0] - logz_B
 
 
-def choose(logits_BxV, key, cfg: SampleConfig):
-  """One token per row -> (token_B int32, logprob_B float32)."""
+def uniforms(rng, steps: int, batch: int):
+  """Row uniforms of every decode step at once -> [steps, batch, 1]: step i's are
+  ``jax.random.uniform(fold_in(rng, i), (batch, 1))``. Drawn before the decode loop, as one
+  vectorised call: on CPU each threefry call is a small while loop of its own, two per step
+  inside the loop (fold_in, uniform)."""
+  draw = lambda i: jax.random.uniform(jax.random.fold_in(rng, i), (batch, 1))
+  return jax.vmap(draw)(jnp.arange(steps))
+
+
+def choose(logits_BxV, u_Bx1, cfg: SampleConfig):
+  """One token per row from its uniform u_Bx1 (unused when greedy) -> (token_B int32,
+  logprob_B float32)."""
   logits_BxV = logits_BxV.astype(jnp.float32)
   if cfg.temperature == 0:
     tok = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     logz = jax.nn.logsumexp(logits_BxV, axis=-1)
     return tok, jnp.take_along_axis(logits_BxV, tok[:, None], axis=-1)[:, 0] - logz
-  return inverse_cdf_sample(key, filter_logits(logits_BxV / cfg.temperature, cfg.top_k, cfg.top_p))
+  return inverse_cdf_draw(u_Bx1, filter_logits(logits_BxV / cfg.temperature, cfg.top_k, cfg.top_p))
 
 
 def left_align(tokens_BxP, lengths_B, pad_id=0):
@@ -192,9 +206,10 @@ def _decode_loop(step_fn, first_logits_BxV, carry, rng, cfg: SampleConfig, grow=
   """
   eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
   b = first_logits_BxV.shape[0]
+  u_NxBx1 = uniforms(rng, cfg.max_new_tokens, b)
 
   def emit(logits, done, i):
-    tok, logp = choose(logits, jax.random.fold_in(rng, i), cfg)
+    tok, logp = choose(logits, u_NxBx1[i], cfg)
     valid = ~done
     tok = jnp.where(valid, tok, cfg.pad_id)
     done = done | (valid & jnp.isin(tok, eos))

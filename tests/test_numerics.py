@@ -63,11 +63,11 @@ def _barriers(eq, x, w):
 
 
 @pytest.mark.parametrize("eq", list(WEIGHT_MAJOR))
-def test_cpu_weight_major_dot_is_the_same_float32_matmul(eq, monkeypatch):
-  """float32, 2-64 rows (here 6): the CPU weight-major form (W[free, summed] @ x[summed, rows])
-  gives the float64 product and gradients to float32 rounding, and is the path taken: its
-  barriers appear in the jaxpr, and not outside the rows range, for bfloat16 inputs, or for a
-  batch index."""
+def test_cpu_weight_major_dot_is_the_same_matmul(eq, monkeypatch):
+  """float32 and bfloat16, 2-64 rows (here 6): the CPU weight-major form (W[free, summed] @
+  x[summed, rows]) gives the float64 product (of the bfloat16 values: float32 accumulation) and
+  float32 gradients to float32 rounding, and is the path taken: its barriers appear in the jaxpr,
+  and not outside the rows range, for float16 or mixed inputs, or for a batch index."""
   monkeypatch.setattr(numerics, "CPU_WEIGHT_MAJOR_MIN_SIZE", 0)  # the test's weights are small
   xs, ws = WEIGHT_MAJOR[eq]
   r = np.random.default_rng(4)
@@ -83,10 +83,16 @@ def test_cpu_weight_major_dot_is_the_same_float32_matmul(eq, monkeypatch):
   np.testing.assert_allclose(out, np.einsum(eq, x64, w64), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(gx, np.einsum(f"{o},{b}->{a}", c, w64), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(gw, np.einsum(f"{a},{o}->{b}", x64, c), rtol=1e-5, atol=1e-5)
-  assert _barriers(eq, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)) == 0
-  monkeypatch.setattr(numerics, "CPU_WEIGHT_MAJOR_ROWS", (7, 64))
-  assert _barriers(eq, x, w) == 0
-  monkeypatch.setattr(numerics, "CPU_WEIGHT_MAJOR_ROWS", (2, 64))
+  xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  assert _barriers(eq, xb, wb) == 3
+  outb = numerics.dot(eq, xb, wb, "bfloat16", jnp.float32)
+  want = np.einsum(eq, np.float64(xb), np.float64(wb))
+  np.testing.assert_allclose(outb, want, rtol=1e-5, atol=1e-5)
+  assert _barriers(eq, x.astype(jnp.float16), w.astype(jnp.float16)) == 0
+  monkeypatch.setattr(numerics, "CPU_WEIGHT_MAJOR_ROWS", {"float32": (7, 64), "bfloat16": (7, 64)})
+  assert _barriers(eq, x, w) == 0 and _barriers(eq, xb, wb) == 0
+  monkeypatch.setattr(numerics, "CPU_WEIGHT_MAJOR_ROWS", {"float32": (2, 64)})
+  assert _barriers(eq, x, w) == 3 and _barriers(eq, xb, wb) == 0
   xb, wb = jnp.ones((3, 2, 4)), jnp.ones((3, 4, 5))
   assert _barriers("bij,bjk->bik", xb, wb) == 0
 
@@ -106,7 +112,7 @@ def test_a_llama_decode_with_weight_major_dots_draws_what_the_plain_dots_draw(mo
   monkeypatch.setattr(numerics, "CPU_WEIGHT_MAJOR_MIN_SIZE", 0)
   jax.clear_caches()  # the constants are read at trace time
   on, taken = run(), len(barriers)
-  monkeypatch.setattr(numerics, "CPU_WEIGHT_MAJOR_ROWS", ())
+  monkeypatch.setattr(numerics, "CPU_WEIGHT_MAJOR_ROWS", {})
   jax.clear_caches()
   off = run()
   assert taken > 0 and len(barriers) == taken  # weight-major in the first run only

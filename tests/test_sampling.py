@@ -327,6 +327,51 @@ def test_inverse_cdf_draw_is_the_float64_inverse_cdf_of_its_uniform(v):
     assert scipy.stats.chisquare(obs, exp).pvalue > 1e-4
 
 
+def _stochastic_reference(model, prompt, n, rng):
+  """Cache-free forward at every step; step i draws with inverse_cdf_sample(fold_in(rng, i))."""
+  seq = list(prompt)
+  for i in range(n):
+    logits = model(jnp.array([seq]))[:, -1].astype(jnp.float32)
+    key = jax.random.fold_in(rng, i)
+    seq.append(int(sampling.inverse_cdf_sample(key, jnp.repeat(logits, 3, 0))[0][0]))
+  return seq[len(prompt):]
+
+
+def test_step_i_draws_with_fold_in_rng_i_and_no_draw_runs_inside_the_decode_loop(llama):
+  """Temperature-1 tokens equal a cache-free loop drawing step i from fold_in(rng, i) (row 0 of
+  a 3-row draw: the rows' uniforms come from one call per step); the uniforms are drawn before
+  the decode scans, so no random-bits primitive runs inside them."""
+  rng = jax.random.PRNGKey(11)
+  prompt = PROMPTS[:1].repeat(3, 0)
+  out = sample(llama, prompt, LENS[:1].repeat(3), rng=rng, max_new_tokens=12)
+  want = _stochastic_reference(llama, PROMPTS[0, : LENS[0]], 12, rng)
+  assert np.asarray(out.tokens[0]).tolist() == want
+  assert len(set(want)) > 3  # a real draw, not a constant
+  u = np.asarray(sampling.uniforms(rng, 12, 3))
+  ref = np.stack([np.asarray(jax.random.uniform(jax.random.fold_in(rng, i), (3, 1))) for i in range(12)])
+  np.testing.assert_array_equal(u, ref)
+
+  graphdef, params = nnx.split(llama)
+  cfg = sampling.SampleConfig(max_new_tokens=12)
+  jaxpr = jax.make_jaxpr(sampling._sample, static_argnums=(0, 5))(
+    graphdef, params, jnp.asarray(prompt), jnp.asarray(LENS[:1].repeat(3)), rng, cfg)
+
+  def prims(jx, inside):
+    for eqn in jx.eqns:
+      sub = inside or eqn.primitive.name == "scan"
+      yield eqn.primitive.name, inside
+      for v in eqn.params.values():
+        for j in v if isinstance(v, (tuple, list)) else (v,):
+          if hasattr(j, "jaxpr"):
+            yield from prims(j.jaxpr if hasattr(j.jaxpr, "eqns") else j.jaxpr.jaxpr, sub)
+
+  seen = list(prims(jaxpr.jaxpr, False))
+  draws = {"random_bits", "threefry2x32", "random_fold_in"}
+  assert any(name in draws for name, inside in seen if not inside)
+  assert any(name == "scan" for name, _ in seen)
+  assert not [name for name, inside in seen if inside and name in draws]
+
+
 def test_segments_cover_every_decode_step_once():
   for n in range(1, 140):
     for every in (4, 32):
