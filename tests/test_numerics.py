@@ -67,7 +67,7 @@ def test_cpu_weight_major_dot_is_the_same_matmul(eq, monkeypatch):
   """float32 and bfloat16, 2-64 rows (here 6): the CPU weight-major form (W[free, summed] @
   x[summed, rows]) gives the float64 product (of the bfloat16 values: float32 accumulation) and
   float32 gradients to float32 rounding, and is the path taken: its barriers appear in the jaxpr,
-  and not outside the rows range, for float16 or mixed inputs, or for a batch index."""
+  and not outside the rows range (per dtype), for float16 inputs, or for a batch index."""
   monkeypatch.setattr(numerics, "CPU_WEIGHT_MAJOR_MIN_SIZE", 0)  # the test's weights are small
   xs, ws = WEIGHT_MAJOR[eq]
   r = np.random.default_rng(4)
