@@ -49,10 +49,10 @@ def _einsum(eq: str, x, w):
   """``einsum(eq, x, w)`` with float32 accumulation. On CPU, for x and w of one dtype in
   ``CPU_WEIGHT_MAJOR_ROWS``, rows of x in its range and a weight of at least 2^16 entries: as
   ``W[w_free, summed] @ x[summed, x_free]``, the result transposed back, each operand and the
-  product materialised in that layout (``optimization_barrier`` keeps XLA from folding the transposes back into the dot; the
-  weight's transpose is loop-invariant, hoisted out of a decode loop by XLA). Same products and
-  float32 sums as the plain einsum, in another layout; an index shared by x, w and the output
-  (a batch index) takes the plain einsum."""
+  product materialised in that layout (``optimization_barrier`` keeps XLA from folding the
+  transposes back into the dot; the weight's transpose is loop-invariant, hoisted out of a
+  decode loop by XLA). Same products and float32 sums as the plain einsum, in another layout;
+  an index shared by x, w and the output (a batch index) takes the plain einsum."""
   a, b, out = _operands(eq)
   summed = [i for i in a if i in b]
   x_free = [i for i in a if i not in b]
