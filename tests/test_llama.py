@@ -392,3 +392,35 @@ def test_gqa_attention_matches_a_naive_reference(dtype, t):
         want[i, n, j] = p @ vv[i, j // (h // k)]
   tol = 1e-5 if dtype == jnp.float32 else 2e-2
   np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=tol, rtol=tol)
+
+
+def test_rope_tables_rows_equal_direct_cos_sin_and_decode_computes_them_once(qwen_pair):
+  """rope_tables with a bound (rows of [bound, Dh] tables gathered by position) equals the
+  direct cos/sin bit for bit and a float64 reference; a model given its default positions
+  explicitly (the unbounded path) gives the same logits; a compiled one-token decode step
+  evaluates sine once (the table), not once per layer and head (XLA fuses cos/sin into each
+  consumer, which recomputed them in every layer)."""
+  from gkd_jax.models.llama import rope_inv_freq, rope_tables
+  _, state, cfg = qwen_pair
+  inv = rope_inv_freq(cfg)
+  pos = jnp.asarray(np.random.default_rng(0).integers(0, 40, (3, 7)), jnp.int32)
+  direct = rope_tables(pos, inv)
+  for got, want, f in zip(rope_tables(pos, inv, 40), direct, (np.cos, np.sin)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    ang = np.asarray(pos, np.float64)[..., None] * np.concatenate([inv, inv]).astype(np.float64)
+    np.testing.assert_allclose(np.asarray(got), f(ang), atol=2e-5)
+  model = convert_llama.from_hf_state_dict(cfg, state)
+  tokens, mask = jnp.asarray(_tokens(3, 9, seed=2)), jnp.asarray(LEFT_MASK)
+  positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+  np.testing.assert_array_equal(np.asarray(model(tokens, mask_BxT=mask)),
+                                np.asarray(model(tokens, mask_BxT=mask, positions_BxT=positions)))
+  cache = model.init_cache(3, 12)
+  _, cache = model.forward_with_cache(tokens[:, :4], cache, mask_BxT=mask[:, :4])
+  step = lambda m, t, c: m.forward_with_cache(t, c)[0]
+  hlo = nnx.jit(step).lower(model, tokens[:, 4:5], cache).compile().as_text()
+  assert hlo.count(" sine(") == 1 and hlo.count(" cosine(") == 1
+  step_pos = lambda m, t, c: m.forward_with_cache(t, c, positions_BxT=positions[:, 4:5])[0]
+  hlo_pos = nnx.jit(step_pos).lower(model, tokens[:, 4:5], cache).compile().as_text()
+  assert hlo_pos.count(" sine(") > cfg.n_layers  # what the table avoids (on this backend)
+  np.testing.assert_allclose(np.asarray(nnx.jit(step)(model, tokens[:, 4:5], cache)),
+                             np.asarray(nnx.jit(step_pos)(model, tokens[:, 4:5], cache)), atol=1e-5)
