@@ -200,8 +200,8 @@ def rope_tables(positions_BxT, inv_freq, bound=None):
   recomputes them per head; a gathered row is a load (on CPU the recomputation was ~5% of a
   batch-32 decode step of SmolLM2-135M).
   """
-  angles = lambda pos: jnp.concatenate([pos.astype(jnp.float32)[..., None] * inv_freq] * 2, -1)
   inv_freq = jnp.asarray(inv_freq)
+  angles = lambda pos: jnp.concatenate([pos.astype(jnp.float32)[..., None] * inv_freq] * 2, -1)
   if bound is None:
     ang_BxTxDh = angles(positions_BxT)
     return jnp.cos(ang_BxTxDh), jnp.sin(ang_BxTxDh)
