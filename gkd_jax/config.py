@@ -87,9 +87,10 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.max_prompt_len = 256
   c.data.max_target_len = 64
   c.data.overlong = "truncate"
-  # prompt and target lengths pad to one of num_buckets sizes (max_len / 2**i, multiples of
-  # 8): fewer pad tokens, at most num_buckets**2 compiled step shapes
+  # prompt and target lengths pad to one of num_buckets sizes (max_len / bucket_ratio**i,
+  # multiples of 8): fewer pad tokens, at most num_buckets**2 compiled step shapes
   c.data.num_buckets = 3
+  c.data.bucket_ratio = 2.0
   c.data.batch_size = 8  # global batch (all hosts)
 
   c.gkd = ml_collections.ConfigDict()
@@ -330,6 +331,12 @@ def validate(config) -> ml_collections.ConfigDict:
       value(k) in ("", "float32", "bfloat16", "float16"),
       "'' (the model's own numerics), 'float32', 'bfloat16' or 'float16'",
     )
+  v = value("data.bucket_ratio")
+  need(
+    "data.bucket_ratio",
+    isinstance(v, (int, float)) and not isinstance(v, bool) and v > 1,
+    "a number > 1",
+  )
   positive("eval.temperature", integer=False, zero=True)
   positive("gkd.ce_weight", integer=False, zero=True)
   positive("optim.weight_decay", integer=False, zero=True)

@@ -160,6 +160,7 @@ class Evaluator:
         shard_index=0,
         num_shards=1,
         num_buckets=c.data.num_buckets,
+        bucket_ratio=c.data.bucket_ratio,
         max_examples=c.eval.num_examples,
         **kw,
       )

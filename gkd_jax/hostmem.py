@@ -48,21 +48,33 @@ def _signature(tree):
 class Precompiled:
   """Calls ``jitted`` through executables compiled ahead, one per signature (the values of the
   static arguments; the tree, avals and shardings of the others), with ``release()`` after
-  each compilation. Keyword arguments only; ``static`` names jitted's static arguments."""
+  each compilation. Keyword arguments only; ``static`` names jitted's static arguments;
+  ``compile`` compiles a signature ahead without running it."""
 
   def __init__(self, jitted, static):
     self.jitted = jitted
     self.static = frozenset(static)
     self._executables = {}
 
-  def __call__(self, **kwargs):
+  def _executable(self, kwargs):
+    """-> (the executable for kwargs' signature, whether it was compiled by this call)."""
     dynamic = {k: v for k, v in kwargs.items() if k not in self.static}
     key = (
       tuple(sorted((k, v) for k, v in kwargs.items() if k in self.static)),
       _signature(dynamic),
     )
     run = self._executables.get(key)
-    if run is None:
-      run = self._executables[key] = self.jitted.lower(**kwargs).compile()
-      release()
-    return run(**dynamic)
+    if run is not None:
+      return run, False
+    run = self._executables[key] = self.jitted.lower(**kwargs).compile()
+    release()
+    return run, True
+
+  def compile(self, **kwargs) -> bool:
+    """Compiles for kwargs' signature without running (nothing is donated) -> whether it had
+    to (False: compiled before)."""
+    return self._executable(kwargs)[1]
+
+  def __call__(self, **kwargs):
+    run, _ = self._executable(kwargs)
+    return run(**{k: v for k, v in kwargs.items() if k not in self.static})

@@ -262,6 +262,7 @@ class Trainer:
       num_shards=jax.process_count(),
       start_step=start_step,
       num_buckets=c.data.num_buckets,
+      bucket_ratio=c.data.bucket_ratio,
       **data.config_kwargs(c.data, self.tokenizer, self.encdec),
     )
 
@@ -351,6 +352,19 @@ class Trainer:
   def train_step(self, state, batch):
     """One update on a host-local dataset batch -> (new state, metrics, the rollout). With a
     teacher cache, a dataset step's batch gets the cache's rows (host-side, before placing)."""
+    r, kwargs = self._rolled(state, batch)
+    params, opt_state, metrics = self._step_fn(**kwargs)
+    return state._replace(params=params, opt_state=opt_state, step=state.step + 1), metrics, r
+
+  def warm_up(self, state, batch) -> bool:
+    """Compiles what ``train_step(state, batch)`` runs, without updating: the rollout runs (a
+    sampler compiles on its first call per shape), the jitted step only compiles (the state's
+    buffers are not donated). -> whether the step had to compile. Use: one batch per bucket
+    shape up front, so no compilation falls in later steps."""
+    return self._step_fn.compile(**self._rolled(state, batch)[1])
+
+  def _rolled(self, state, batch):
+    """-> (the rollout of ``batch`` at ``state.step``, the jitted step's arguments)."""
     warm = state.step < self.config.train.sft_warmup_steps
     if self.cache is not None and self.rollout.source(state.step, warm) == "dataset":
       targets = batch["decoder_targets" if self.encdec else "target_tokens"]
@@ -358,7 +372,7 @@ class Trainer:
     batch = self.place(batch)
     r = self.rollout(batch, state.step, self.student(state), self.teacher, state.rng, warm)
     spec = dataclasses.replace(self.spec, mode="sft") if warm else self.spec
-    params, opt_state, metrics = self._step_fn(
+    kwargs = dict(
       graphdef=self.graphdef,
       params=state.params,
       opt_state=state.opt_state,
@@ -371,7 +385,7 @@ class Trainer:
       optimizer=self.optimizer,
       grad_accum=self.config.optim.grad_accum,
     )
-    return state._replace(params=params, opt_state=opt_state, step=state.step + 1), metrics, r
+    return r, kwargs
 
   # -- evaluation -----------------------------------------------------------------------
   def eval_student(self, state, logger):

@@ -185,6 +185,31 @@ def test_resume_shard_seed_and_buckets(seqio_tasks, tok):
     assert len(shapes) <= 9
 
 
+def test_bucket_lengths_against_brute_force():
+    for max_len in (5, 8, 64, 100, 160, 512):
+        for n in (1, 2, 3, 4, 6):
+            for ratio in (1.125, 1.5, 2.0, 3.0):
+                want = {max_len}
+                for i in range(n):  # smallest multiple of 8 >= max_len / ratio**i, capped
+                    m = next(m for m in range(8, 10 * max_len, 8) if m >= max_len / ratio**i)
+                    want.add(min(m, max_len))
+                assert batching.bucket_lengths(max_len, n, ratio=ratio) == sorted(want)
+    assert batching.bucket_lengths(160, 4, ratio=1.125) == [120, 128, 144, 160]
+    assert batching.bucket_lengths(512) == [128, 256, 512]  # the default ratio 2 halves
+    with pytest.raises(ValueError, match="ratio must be > 1"):
+        batching.bucket_lengths(160, 3, ratio=1.0)
+
+
+def test_bucket_ratio_pads_each_batch_to_its_smallest_fitting_bucket(seqio_tasks, tok):
+    kwargs = dict(tokenizer=tok, prompt_format="chat", source="local", max_prompt_len=512,
+                  max_target_len=64, batch_size=4, seed=3, shard_index=0, num_shards=1)
+    buckets = batching.bucket_lengths(512, 6, ratio=1.25)
+    for b in take(pipeline.get_dataset("xsum", "validation", num_buckets=6, bucket_ratio=1.25,
+                                       **kwargs), 12):
+        width, longest = b["prompt_tokens"].shape[1], int(b["prompt_lengths"].max())
+        assert width == min(x for x in buckets if x >= longest)
+
+
 def test_finite_epochs_and_padded_last_batch(seqio_tasks, tok):
     kwargs = dict(tokenizer=tok, prompt_format="chat", source="local", max_prompt_len=512,
                   max_target_len=64, batch_size=32, num_epochs=1)

@@ -49,3 +49,21 @@ def test_precompiled_compiles_once_per_signature_and_donates():
   np.testing.assert_array_equal(run(x=jnp.ones(3), y=jnp.ones(3), scale=3.0), [4.0] * 3)
   run(x=jnp.ones(3, jnp.int32), y=jnp.ones(3, jnp.int32), scale=3.0)  # a new dtype
   assert len(traces) == 4 and len(run._executables) == 4
+
+
+def test_precompiled_compile_ahead_runs_nothing_and_is_reused():
+  traces = []
+
+  def f(x, *, scale):
+    traces.append(x.shape)
+    return x * scale
+
+  run = hostmem.Precompiled(jax.jit(f, static_argnames=("scale",), donate_argnames=("x",)), ("scale",))
+  x = jnp.arange(3.0)
+  assert run.compile(x=x, scale=2.0) is True
+  assert not x.is_deleted()  # compiling donates nothing
+  assert run.compile(x=jnp.zeros(3), scale=2.0) is False  # the same signature: compiled before
+  assert run.compile(x=jnp.zeros(5), scale=2.0) is True  # a new shape compiles
+  np.testing.assert_array_equal(run(x=x, scale=2.0), [0.0, 2.0, 4.0])
+  run(x=jnp.ones(5), scale=2.0)
+  assert len(traces) == 2 and len(run._executables) == 2  # the calls reused both executables

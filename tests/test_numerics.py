@@ -54,7 +54,8 @@ def test_same_dtype_is_plain_einsum_autodiff():
     np.testing.assert_array_equal(g, h)
 
 
-WEIGHT_MAJOR = dict(EQS, **{"btd,vd->btv": ((2, 3, 8), (11, 8))})  # + a tied head's [V, D]
+# + a tied head's [V, D], for decode and for the fused head's chunks
+WEIGHT_MAJOR = dict(EQS, **{"btd,vd->btv": ((2, 3, 8), (11, 8)), "cd,vd->cv": ((6, 8), (11, 8))})
 
 
 def _barriers(eq, x, w):
@@ -95,6 +96,22 @@ def test_cpu_weight_major_dot_is_the_same_matmul(eq, monkeypatch):
   assert _barriers(eq, x, w) == 3 and _barriers(eq, xb, wb) == 0
   xb, wb = jnp.ones((3, 2, 4)), jnp.ones((3, 4, 5))
   assert _barriers("bij,bjk->bik", xb, wb) == 0
+
+
+@pytest.mark.parametrize("eq,ws", [("cd,vd->cv", (4096, 64)), ("cd,dv->cv", (64, 4096))])
+def test_cpu_weight_major_bfloat16_dot_with_one_row_axis_stays_bfloat16(eq, ws):
+  """A 2-D x (the fused head's [C, D] chunk) in the weight-major form: CPU XLA ran a
+  [V, D] @ [D, C] bf16 dot as float32, converting the whole weight on every call (10x slower
+  at 64 rows and V = 49152); the form now gives x a unit axis, as a decode's [B, T, D] has.
+  No float32 copy of the weight in the compiled program."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the weight-major form is CPU-only")
+  w, x = jnp.ones(ws, jnp.bfloat16), jnp.ones((4, 64), jnp.bfloat16)
+  assert _barriers(eq, x, w) == 3  # the weight-major form
+  hlo = jax.jit(lambda x, w: numerics.dot(eq, x, w, "bfloat16", jnp.float32)).lower(x, w)
+  text = hlo.compile().as_text()
+  assert "bf16[4096,64]" in text or "bf16[64,4096]" in text
+  assert "f32[4096,64]" not in text and "f32[64,4096]" not in text
 
 
 def test_a_llama_decode_with_weight_major_dots_draws_what_the_plain_dots_draw(monkeypatch):

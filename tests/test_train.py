@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -68,26 +69,42 @@ def test_mode_runs_end_to_end(tiny_dirs, tmp_path, name):
   assert os.path.isdir(tmp_path / "ckpt" / str(summary["step"]))
 
 
-def test_bucket_count_and_eos_stop_keys_reach_the_data_and_the_sampler(tiny_dirs, tmp_path,
-                                                                       monkeypatch):
+def test_bucket_keys_and_eos_stop_reach_the_data_and_the_sampler_and_warm_up_compiles(
+    tiny_dirs, tmp_path, monkeypatch):
   from gkd_jax import sampling
+  from gkd_jax.data import batching
 
   seen, real = [], sampling.sample
   monkeypatch.setattr(sampling, "sample", lambda *a, **k: seen.append(k["eos_ids"]) or real(*a, **k))
   widths = {}
-  for buckets, stop in ((1, False), (3, True)):
+  for buckets, ratio, stop in ((1, 2.0, False), (3, 2.0, True), (4, 1.5, False)):
     c = tiny_config(tiny_dirs / "teacher", **{"gkd.lmbda": 1.0, "data.num_buckets": buckets,
+                                              "data.bucket_ratio": ratio,
                                               "gkd.sample_stop_at_eos": stop,
                                               "data.max_target_len": 96})
     tr = train.Trainer(c, str(tmp_path / str(buckets)))
     state = tr.setup()
     batches = tr.train_batches(0)
-    widths[buckets] = {next(batches)["target_tokens"].shape[1] for _ in range(6)}
-    tr.train_step(state, next(batches))
+    sizes = batching.bucket_lengths(96, buckets, ratio=ratio)
+    for _ in range(6):
+      b = next(batches)
+      widths.setdefault(buckets, set()).add(b["target_tokens"].shape[1])
+      longest = int(b["target_lengths"].max())
+      assert b["target_tokens"].shape[1] == min(x for x in sizes if x >= longest)
+    batch = next(batches)
+    if buckets == 4:  # warm_up compiles the step for this batch, updating nothing
+      before = jax.tree.map(np.asarray, state.params)
+      assert tr.warm_up(state, batch) is True and tr.warm_up(state, batch) is False
+      n = len(tr._step_fn._executables)
+      jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), before)
+    state, _, _ = tr.train_step(state, batch)
+    if buckets == 4:
+      assert len(tr._step_fn._executables) == n == 1  # the step ran what warm_up compiled
     tr.ckpt.close()
   assert widths[1] == {96}  # one bucket: always the configured max (XSum summaries are short)
   assert min(widths[3]) < 96  # three (24, 48, 96): short targets pad less
-  assert seen == [None, [tr.tokenizer.eos_id]]  # False: every row samples max_new_tokens
+  assert widths[4] <= {32, 48, 64, 96}  # ratio 1.5: 96, 64, 48 (42.7 rounded up), 32
+  assert seen == [None, [tr.tokenizer.eos_id]] + [None] * 3  # each warm_up samples too
 
 
 def test_eval_samples_plot_and_hf_export(tiny_dirs, tmp_path):
@@ -151,6 +168,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(tiny_dirs, tmp
     ({"student.dot_dtype": "bf16"}, "config.student.dot_dtype = 'bf16'"),
     ({"data.max_prompt_len": 0}, "config.data.max_prompt_len"),
     ({"data.num_buckets": 0}, "config.data.num_buckets"),
+    ({"data.bucket_ratio": 1.0}, r"config.data.bucket_ratio = 1.0: must be a number > 1"),
     ({"rl.alpha": 0.5, "gkd.lmbda": 0.5}, "config.gkd.lmbda.*rl.alpha < 1"),
     ({"mesh.data": 3}, r"config.mesh \(data=3, fsdp=1, model=2\) does not fit the 8"),
     ({"student.init": "path", "student.path": "/nonexistent/ckpt"}, "/nonexistent/ckpt"),

@@ -22,17 +22,25 @@ examples (load_examples' order), -1 on padding rows (a teacher cache is looked u
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 OVERLONG = ("truncate", "drop")
 
 
-def bucket_lengths(max_len: int, num_buckets: int = 3, multiple: int = 8) -> list[int]:
-  """Ascending lengths max_len / 2**i rounded up to `multiple` (capped at max_len), i < num_buckets."""
+def bucket_lengths(
+  max_len: int, num_buckets: int = 3, multiple: int = 8, ratio: float = 2.0
+) -> list[int]:
+  """Ascending lengths max_len / ratio**i rounded up to `multiple` (capped at max_len),
+  i < num_buckets: ratio 2 halves, a ratio nearer 1 packs the buckets below max_len closer."""
   if max_len < 1 or num_buckets < 1:
     raise ValueError(f"max_len={max_len} and num_buckets={num_buckets} must be >= 1")
+  if not ratio > 1:
+    raise ValueError(f"bucket ratio must be > 1, got {ratio!r}")
   sizes = {
-    min(max_len, -(-max_len // 2**i // multiple) * multiple or multiple) for i in range(num_buckets)
+    min(max_len, max(multiple, -(-math.ceil(max_len / ratio**i) // multiple) * multiple))
+    for i in range(num_buckets)
   }
   return sorted(sizes | {max_len})
 

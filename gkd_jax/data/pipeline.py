@@ -234,6 +234,7 @@ def get_dataset(
   num_shards=None,
   start_step=0,
   num_buckets=3,
+  bucket_ratio=2.0,
   decoder_start_id=0,
   drop_remainder=True,
   **example_kw,
@@ -245,7 +246,8 @@ def get_dataset(
   prompt_format, source, data_dir, paths, max_prompt_len, max_target_len, overlong, ...).
   batch_size: rows per host; num_epochs: None = repeat forever; drop_remainder=False pads the last
   batch with empty rows. shard_index/num_shards default to jax.process_index()/process_count() when
-  jax is already imported, else 0/1. start_step: first global step to yield.
+  jax is already imported, else 0/1. start_step: first global step to yield. num_buckets,
+  bucket_ratio: the padded lengths (``batching.bucket_lengths``).
   """
   shard_index, num_shards = _default_shards(shard_index, num_shards)
   ex = example_args(example_kw)
@@ -261,8 +263,8 @@ def get_dataset(
     shard_index=shard_index,
     num_shards=num_shards,
     start_step=start_step,
-    prompt_buckets=batching.bucket_lengths(ex["max_prompt_len"], num_buckets),
-    target_buckets=batching.bucket_lengths(ex["max_target_len"], num_buckets),
+    prompt_buckets=batching.bucket_lengths(ex["max_prompt_len"], num_buckets, ratio=bucket_ratio),
+    target_buckets=batching.bucket_lengths(ex["max_target_len"], num_buckets, ratio=bucket_ratio),
     decoder_start_id=decoder_start_id,
     drop_remainder=drop_remainder,
   )

@@ -52,7 +52,11 @@ def _einsum(eq: str, x, w):
   product materialised in that layout (``optimization_barrier`` keeps XLA from folding the
   transposes back into the dot; the weight's transpose is loop-invariant, hoisted out of a
   decode loop by XLA). Same products and float32 sums as the plain einsum, in another layout;
-  an index shared by x, w and the output (a batch index) takes the plain einsum."""
+  an index shared by x, w and the output (a batch index) takes the plain einsum. An x with one
+  free axis (the fused head's ``[C, D]`` chunk) gets a unit axis before it: given
+  ``W[V, D] @ x[D, C]`` in bfloat16, CPU XLA converted both to float32 (the whole weight, on
+  every call: 10x slower at V = 49152, 64 rows), and ``x[D, 1, C]`` (a decode's shape) it
+  runs in bfloat16."""
   a, b, out = _operands(eq)
   summed = [i for i in a if i in b]
   x_free = [i for i in a if i not in b]
@@ -70,11 +74,19 @@ def _einsum(eq: str, x, w):
   keep = jax.lax.optimization_barrier
   perm = lambda src, dst: [src.index(i) for i in dst]
   w_T = keep(jnp.transpose(w, perm(b, w_free + summed)))
-  x_T = keep(jnp.transpose(x, perm(a, summed + x_free)))
+  x_T = jnp.transpose(x, perm(a, summed + x_free))
+  unit = len(x_free) == 1  # one free axis of x: a unit axis before it (see the docstring)
+  if unit:
+    x_T = jnp.expand_dims(x_T, len(summed))
+    x_free = [next(i for i in "abcdefghijklmnopqrstuvwxyz" if i not in a + b + out)] + x_free
+  x_T = keep(x_T)
   ws, ss, xs = "".join(w_free), "".join(summed), "".join(x_free)
   y_T = keep(
     jnp.einsum(f"{ws}{ss},{ss}{xs}->{ws}{xs}", w_T, x_T, preferred_element_type=jnp.float32)
   )
+  if unit:
+    y_T = jnp.squeeze(y_T, len(w_free))
+    xs = xs[1:]
   return jnp.transpose(y_T, perm(ws + xs, out))
 
 
