@@ -28,6 +28,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from gkd_jax import config as config_lib
 from gkd_jax import evaluation, files, hostmem, models, rollout, sharding, steps
@@ -209,8 +210,16 @@ class Trainer:
     self.teacher = nnx.split(teacher)  # (graphdef, params)
     opt_state = sharding.on_mesh(jax.jit(self.optimizer.init)(params), self.mesh)
     static = ("graphdef", "teacher_graphdef", "spec", "optimizer", "grad_accum")
+    # the new state keeps the state's own shardings (left to XLA, they come back as other but
+    # equivalent specs, e.g. P() for P('model', 'fsdp') on one device: a second compile)
+    layout = jax.tree.map(lambda x: x.sharding, (params, opt_state))
     self._step_fn = hostmem.Precompiled(
-      jax.jit(steps.train_step, static_argnames=static, donate_argnames=("params", "opt_state")),
+      jax.jit(
+        steps.train_step,
+        static_argnames=static,
+        donate_argnames=("params", "opt_state"),
+        out_shardings=(*layout, NamedSharding(self.mesh, PartitionSpec())),
+      ),
       static,
     )
     self.ckpt = ocp.CheckpointManager(

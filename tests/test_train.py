@@ -100,11 +100,15 @@ def test_bucket_keys_and_eos_stop_reach_the_data_and_the_sampler_and_warm_up_com
     state, _, _ = tr.train_step(state, batch)
     if buckets == 4:
       assert len(tr._step_fn._executables) == n == 1  # the step ran what warm_up compiled
+      layout = jax.tree.map(lambda x: x.sharding, (state.params, state.opt_state))
+      state, _, _ = tr.train_step(state, batch)  # the new state, laid out as the old one:
+      assert len(tr._step_fn._executables) == 1  # no second compile
+      assert jax.tree.map(lambda x: x.sharding, (state.params, state.opt_state)) == layout
     tr.ckpt.close()
   assert widths[1] == {96}  # one bucket: always the configured max (XSum summaries are short)
   assert min(widths[3]) < 96  # three (24, 48, 96): short targets pad less
   assert widths[4] <= {32, 48, 64, 96}  # ratio 1.5: 96, 64, 48 (42.7 rounded up), 32
-  assert seen == [None, [tr.tokenizer.eos_id]] + [None] * 3  # each warm_up samples too
+  assert seen == [None, [tr.tokenizer.eos_id]] + [None] * 4  # each warm_up samples too
 
 
 def test_eval_samples_plot_and_hf_export(tiny_dirs, tmp_path):
