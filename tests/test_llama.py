@@ -189,6 +189,42 @@ def test_cache_write_is_dynamic_update_slice_bit_for_bit(dtype):
                                     jax.lax.bitcast_convert_type(want, bits))
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_take_rows_is_take_bit_for_bit_with_takes_gradient(dtype):
+  """The embedding gather (bf16 as its uint16 bits) gives jnp.take's rows, NaN rows for
+  out-of-range ids included, and take's gradient (repeated ids summed, out-of-range dropped)."""
+  from gkd_jax.models.llama import take_rows
+  r = np.random.default_rng(1)
+  table = jnp.asarray(r.normal(size=(9, 5)), dtype).at[2, 1].set(-0.0)
+  ids = jnp.asarray([[1, 8, 1], [-1, 9, -20], [2, 0, 2]])
+  bits = jnp.uint16 if dtype == "bfloat16" else jnp.uint32
+  same = lambda a, b: np.testing.assert_array_equal(
+      jax.lax.bitcast_convert_type(a, bits), jax.lax.bitcast_convert_type(b, bits))
+  got = jax.jit(take_rows)(table, ids)
+  assert got.dtype == table.dtype and bool(jnp.isnan(got[1, 1:]).all())
+  same(got, jnp.take(table, ids, axis=0))
+  g = jnp.asarray(r.normal(size=(3, 3, 5)), dtype)
+  grad = lambda f: jax.grad(lambda t: jnp.nansum(f(t).astype(jnp.float32) * g))(table)
+  same(grad(lambda t: take_rows(t, ids)), grad(lambda t: jnp.take(t, ids, axis=0)))
+
+
+def test_a_bfloat16_decode_gathers_from_the_bfloat16_table():
+  """A bf16 model's decode step: no float32 copy of the [V, D] table in the compiled program
+  (with jnp.take, CPU XLA converted the whole table to gather from it)."""
+  cfg = LlamaConfig(vocab_size=4096, d_model=64, n_layers=1, n_heads=4, n_kv_heads=2,
+                    head_dim=16, mlp_dim=96, tie_embeddings=True, dot_dtype="bfloat16")
+  model = Llama(cfg, rngs=nnx.Rngs(0))
+  model.embed.value = model.embed.value.astype(jnp.bfloat16)
+  graphdef, state = nnx.split(model)
+
+  def decode(state, tokens_Bx1):
+    m = nnx.merge(graphdef, state)
+    return m.forward_with_cache(tokens_Bx1, m.init_cache(2, 8))[0]
+
+  text = jax.jit(decode).lower(state, jnp.ones((2, 1), jnp.int32)).compile().as_text()
+  assert "bf16[4096,64]" in text and "f32[4096,64]" not in text
+
+
 def test_bf16_and_softcap(qwen_pair):
   _, state, cfg = qwen_pair
   tokens, mask = jnp.asarray(_tokens(3, 9)), jnp.asarray(RIGHT_MASK)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -96,6 +97,13 @@ def test_bucket_keys_and_eos_stop_reach_the_data_and_the_sampler_and_warm_up_com
       before = jax.tree.map(np.asarray, state.params)
       assert tr.warm_up(state, batch) is True and tr.warm_up(state, batch) is False
       n = len(tr._step_fn._executables)
+      # each donated buffer takes its own leaf's new value (output k <-> input offset + k),
+      # not the next leaf of its shape's (new params in the old moments' buffers: XLA copies)
+      hlo = next(iter(tr._step_fn._executables.values())).as_text()
+      alias = hlo[: hlo.index("entry_computation_layout")]
+      pairs = [(int(o), int(i)) for o, i in re.findall(r"\{(\d+)\}: \((\d+),", alias)]
+      assert len(pairs) == len(jax.tree.leaves((state.params, state.opt_state)))
+      assert {i - o for o, i in pairs} == {pairs[0][1] - pairs[0][0]}, pairs
       jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), before)
     state, _, _ = tr.train_step(state, batch)
     if buckets == 4:
