@@ -214,7 +214,7 @@ def test_a_bfloat16_decode_gathers_from_the_bfloat16_table():
   cfg = LlamaConfig(vocab_size=4096, d_model=64, n_layers=1, n_heads=4, n_kv_heads=2,
                     head_dim=16, mlp_dim=96, tie_embeddings=True, dot_dtype="bfloat16")
   model = Llama(cfg, rngs=nnx.Rngs(0))
-  model.embed.value = model.embed.value.astype(jnp.bfloat16)
+  model.embed.set_value(model.embed[...].astype(jnp.bfloat16))
   graphdef, state = nnx.split(model)
 
   def decode(state, tokens_Bx1):
