@@ -365,13 +365,12 @@ def _take_bits(table_VxD, ids):
 
 
 def _take_bits_fwd(table_VxD, ids):
-  return _take_bits(table_VxD, ids), (ids, jnp.zeros((table_VxD.shape[0], 0), table_VxD.dtype))
+  return _take_bits(table_VxD, ids), (table_VxD, ids)
 
 
-def _take_bits_bwd(res, g_rows):  # take's transpose: rows scatter-added, out-of-range dropped
-  ids, empty_Vx0 = res
-  zeros = jnp.zeros((empty_Vx0.shape[0], g_rows.shape[-1]), empty_Vx0.dtype)
-  return zeros.at[ids].add(g_rows.astype(zeros.dtype), mode="drop"), None
+def _take_bits_bwd(res, g_rows):  # take's own gradient
+  table_VxD, ids = res
+  return jax.vjp(lambda t: jnp.take(t, ids, axis=0), table_VxD)[1](g_rows)[0], None
 
 
 _take_bits.defvjp(_take_bits_fwd, _take_bits_bwd)
