@@ -295,6 +295,28 @@ def pg_sum(head, view, advantages, teacher_lp=None):
 
 
 # ------------------------------------------------------------------------------ update
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """``optax.clip_by_global_norm`` as one multiply: g * min(1, max_norm / ||g||) -> clipped g.
+
+  Unclipped steps are bit-identical to optax's; clipped ones differ by rounding (optax divides
+  each element by the norm, then multiplies by max_norm). Why: XLA will not duplicate a
+  division into several consumers, so optax's clipped gradient is materialised (a
+  parameter-sized buffer) and read back by Adam's moment and update fusions; a multiply fuses
+  into each of them. For benchmarks/vs_trl.py's student (64M float32 parameters), AdamW's
+  update alone took 210 ms with optax's clip and 72-94 ms with this one (an EPYC, 2 cores),
+  and the whole training step's temporary memory fell from 510 to 357 MB.
+  The state is optax's (``EmptyState``): checkpoints are interchangeable.
+  """
+
+  def update_fn(updates, state, params=None):
+    del params
+    g_norm = optax.tree.norm(updates)
+    scale = jnp.where(g_norm < max_norm, 1.0, max_norm / g_norm)
+    return jax.tree.map(lambda t: t * scale.astype(t.dtype), updates), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
 def make_optimizer(c) -> optax.GradientTransformation:
   """AdamW or Adafactor with warmup + constant/linear/cosine decay and clipping."""
   o, steps = c.optim, c.train.steps
@@ -313,7 +335,7 @@ def make_optimizer(c) -> optax.GradientTransformation:
     opt = optax.adamw(sched, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
   else:
     opt = optax.adafactor(sched, weight_decay_rate=o.weight_decay or None)
-  return optax.chain(optax.clip_by_global_norm(o.clip_norm), opt) if o.clip_norm else opt
+  return optax.chain(clip_by_global_norm(o.clip_norm), opt) if o.clip_norm else opt
 
 
 def freeze_below(params, top: int):

@@ -278,3 +278,53 @@ def test_bf16_dots_step_is_the_rounded_models_loss_and_fused_agrees(setup):
     np.testing.assert_allclose(a, b, atol=1e-2 * g + 4e-7 * float(np.abs(p).max()))
   assert any(float(jnp.abs(a - b).max()) > 1e-4  # the step moved the parameters
              for a, b in zip(jax.tree.leaves(out["fused"][0]), jax.tree.leaves(p0)))
+
+
+# ---------------------------------------------------------------- gradient clipping
+def _grad_tree(scale):
+  k = jax.random.split(jax.random.PRNGKey(3), 3)
+  return {"w": scale * jax.random.normal(k[0], (64, 48)), "b": scale * jax.random.normal(k[1], (48,)),
+          "layers": {"w": scale * jax.random.normal(k[2], (3, 16, 16))}}
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0])  # global norm ~0.06 (kept) and ~60 (clipped)
+def test_clip_by_global_norm_matches_optax(scale):
+  import optax
+
+  g = _grad_tree(scale)
+  ours, state = steps.clip_by_global_norm(1.0).update(g, steps.clip_by_global_norm(1.0).init(g))
+  ref, ref_state = optax.clip_by_global_norm(1.0).update(g, optax.clip_by_global_norm(1.0).init(g))
+  assert state == ref_state  # optax's EmptyState: checkpoints interchangeable
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    if scale < 1:  # unclipped: the gradient itself, bit for bit
+      np.testing.assert_array_equal(a, b)
+    else:  # clipped: g * (1/||g||) vs (g / ||g||) * 1 differ by rounding only
+      np.testing.assert_allclose(a, b, rtol=3e-7, atol=0)
+  norm = float(jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(ours))))
+  assert norm == pytest.approx(min(1.0, float(optax.tree.norm(g))), rel=1e-6)
+
+
+def test_adamw_update_fuses_the_clip_no_gradient_sized_temporary():
+  """optax's clip divides each element by the norm; XLA will not duplicate a division into
+  Adam's moment and update fusions, so the clipped gradient is materialised: a temporary as
+  large as the gradient. Ours multiplies, which fuses: the compiled update needs no such
+  buffer (optax's does, the control)."""
+  import optax
+
+  params = {"w": jnp.zeros((512, 512)), "v": jnp.zeros((512, 256))}
+  grads = jax.tree.map(jnp.ones_like, params)
+  size = sum(x.nbytes for x in jax.tree.leaves(params))
+  c = config_lib.defaults()  # adamw, clip_norm 1.0
+  c.optim.warmup_steps = 0
+  control = optax.chain(optax.clip_by_global_norm(c.optim.clip_norm), optax.adamw(1e-3))
+  temps = {}
+  for name, opt in (("ours", steps.make_optimizer(c)), ("optax", control)):
+
+    def update(opt_state, p, g, opt=opt):
+      u, opt_state = opt.update(g, opt_state, p)
+      return opt_state, optax.apply_updates(p, u)
+
+    exe = jax.jit(update, donate_argnums=(0, 1)).lower(opt.init(params), params, grads).compile()
+    temps[name] = exe.memory_analysis().temp_size_in_bytes
+  assert temps["optax"] >= size / 2, temps  # the control: optax's clip is materialised
+  assert temps["ours"] < size / 8, temps
