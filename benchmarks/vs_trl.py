@@ -14,8 +14,9 @@ optimizer settings (lr, warmup, cosine to 10%, clipping), CPU.
         ``Trainer.warm_up`` on one batch of each bucket shape the run meets, so no compilation
         falls in a timed step, as none does in a long run once each shape has compiled)
         and our choices (README, "Speed against TRL"): teacher.dot_dtype and student.dot_dtype
-        bfloat16 (bf16 matmul inputs, f32 accumulation: a TPU's default precision; parameters,
-        gradients and Adam stay float32), gkd.fused with gkd.chunk_size 64, and
+        "auto" (bfloat16 on a CPU with AMX-BF16 or AVX512-BF16: bf16 matmul inputs, f32
+        accumulation, a TPU's default precision; parameters, gradients and Adam stay float32;
+        float32 on a CPU without, where bf16 matmuls are slower), gkd.fused with gkd.chunk_size 64, and
         student.scan_layers with student.remat (the backward recomputes each layer: memory);
         batches from its data pipeline, tokenized by this parent process into
         data.tokenized_dir, so the training process imports no TensorFlow; each step is
@@ -141,10 +142,12 @@ def our_config(steps, data, sets):
   c.gkd.max_new_tokens = 64
   for sec in (c.teacher, c.student):
     sec.dtype = sec.param_dtype = "float32"
-  # our choices (README, "Speed against TRL"): a TPU's default matmul precision (bf16 inputs,
-  # f32 accumulation) for both models, the fused head + loss in 64-token chunks, the student's
-  # layers scanned and rematerialised; pass --set KEY='' (or False) to measure without one
-  c.teacher.dot_dtype = c.student.dot_dtype = "bfloat16"
+  # our choices (README, "Speed against TRL"): "auto" matmul dtypes for both models (a TPU's
+  # default precision, bf16 inputs with f32 accumulation, where the CPU multiplies bf16
+  # natively, AMX-BF16 or AVX512-BF16; float32 elsewhere), the fused head + loss in 64-token
+  # chunks, the student's layers scanned and rematerialised; pass --set KEY='' (or False) to
+  # measure without one
+  c.teacher.dot_dtype = c.student.dot_dtype = "auto"
   c.gkd.fused = True
   c.gkd.chunk_size = 64
   c.student.scan_layers = c.student.remat = True
@@ -240,6 +243,20 @@ def prompt_messages(c, n):
   ]
 
 
+def cpu_model():
+  """-> "<model name> (<native bf16 flags, or 'no native bf16'>)" of this machine's CPU."""
+  from gkd_jax.models import numerics
+
+  name = "unknown CPU"
+  try:
+    with open("/proc/cpuinfo") as f:
+      name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+  except OSError:
+    pass
+  bf16 = sorted(numerics.cpu_flags() & numerics.NATIVE_BF16_CPU_FLAGS)
+  return f"{name} ({', '.join(bf16) if bf16 else 'no native bf16'})"
+
+
 def vm_hwm_kb():
   with open("/proc/self/status") as f:
     for line in f:
@@ -255,6 +272,7 @@ def run_ours(work, out):
   import numpy as np
   from flax import nnx
 
+  from gkd_jax import config as config_lib
   from gkd_jax import hostmem, train
 
   t_setup = time.perf_counter()
@@ -308,6 +326,9 @@ def run_ours(work, out):
     "devices": str(jax.devices()),
     "jax": jax.__version__,
     "tensorflow_imported": "tensorflow" in sys.modules,
+    # what "auto" became on this machine (config.resolve_dot_dtypes)
+    "dot_dtypes": {k: config_lib.get(tr.config, k) or "own" for k in config_lib.DOT_DTYPE_KEYS},
+    "cpu": cpu_model(),
   }
   with open(out, "w") as f:
     json.dump(
@@ -632,6 +653,7 @@ def report(a, c, s, data, sets, runs, load, f32_npz):
   med = {side: {k: statistics.median(x[k] for x in v) for k in v[0]} for side, v in sums.items()}
   over = ", ".join(f"{k}={v!r}" for k, v in sets) or "none"
   print(f"## TRL GKDTrainer vs gkd_jax, on-policy GKD on {os.cpu_count()} CPU cores\n")
+  print(f"CPU: {cpu_model()}; our matmul dtypes: {by['ours'][0]['info']['dot_dtypes']}.\n")
   print(
     f"Teacher SmolLM2-135M-Instruct (GGUF, float32), student its layers "
     f"{','.join(map(str, s['keep']))} ({len(s['keep'])} layers); batch {s['batch']} "

@@ -20,6 +20,7 @@ MODES = ("gkd", "sft")
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("constant", "linear", "cosine")
 STUDENT_INITS = ("path", "prune", "fresh")
+DOT_DTYPE_KEYS = ("gkd.sample_dot_dtype", "teacher.dot_dtype", "student.dot_dtype")
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -34,6 +35,9 @@ def defaults() -> ml_collections.ConfigDict:
   # "" = the teacher's own numerics; "bfloat16": its weight matmuls take bfloat16 inputs with
   # float32 accumulation (a TPU's default precision) and, as it is frozen, its matrices are
   # stored in bfloat16 (half the bytes; the same numbers its matmuls read). Decoder-only.
+  # "auto": "bfloat16" where the backend multiplies bfloat16 natively (TPU, GPU, a CPU with
+  # AMX-BF16 or AVX512-BF16; ``numerics.native_bf16_dots``), else "". Likewise for
+  # student.dot_dtype and gkd.sample_dot_dtype; encoder-decoder models resolve it to "".
   c.teacher.dot_dtype = ""
   c.teacher.rules = ()  # extra logical-axis rules for the teacher only (after mesh.rules)
   # A teacher-logit cache (python -m gkd_jax.teacher_cache): dataset (off-policy) steps read
@@ -97,7 +101,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.gkd.lmbda = 0.5  # probability of an on-policy (student-sampled) batch
   c.gkd.seq_kd = False  # off-policy batches use teacher samples instead of dataset targets
   c.gkd.sample_temperature = 1.0
-  c.gkd.sample_dot_dtype = ""  # "" = the model's own numerics; "bfloat16": bf16 matmul inputs
+  c.gkd.sample_dot_dtype = (
+    ""  # "" = the model's own numerics; "bfloat16": bf16 matmul inputs; "auto"
+  )
   c.gkd.max_new_tokens = 64
   c.gkd.sample_stop_at_eos = True  # False: every row samples max_new_tokens (EOS is a token)
   c.gkd.top_k = 0
@@ -255,6 +261,19 @@ def get(c, dotted):
   return c
 
 
+def resolve_dot_dtypes(config, encoder_decoder: bool) -> ml_collections.ConfigDict:
+  """A copy of ``config`` with each "auto" in ``DOT_DTYPE_KEYS`` resolved for this backend
+  (``numerics.resolve_dot_dtype``); encoder-decoder models (no dot_dtype policy) get ""."""
+  from gkd_jax.models import numerics
+
+  c = config.copy_and_resolve_references()
+  for k in DOT_DTYPE_KEYS:
+    section, name = k.split(".")
+    if c[section][name] == "auto":
+      c[section][name] = "" if encoder_decoder else numerics.resolve_dot_dtype("auto")
+  return c
+
+
 def validate(config) -> ml_collections.ConfigDict:
   """Raises ValueError naming the first bad key; returns the config for chaining."""
   if not isinstance(config, ml_collections.ConfigDict):
@@ -325,11 +344,11 @@ def validate(config) -> ml_collections.ConfigDict:
       isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v < 1.0,
       "a number in [0, 1)",
     )
-  for k in ("gkd.sample_dot_dtype", "teacher.dot_dtype", "student.dot_dtype"):
+  for k in DOT_DTYPE_KEYS:
     need(
       k,
-      value(k) in ("", "float32", "bfloat16", "float16"),
-      "'' (the model's own numerics), 'float32', 'bfloat16' or 'float16'",
+      value(k) in ("", "float32", "bfloat16", "float16", "auto"),
+      "'' (the model's own numerics), 'float32', 'bfloat16', 'float16' or 'auto'",
     )
   v = value("data.bucket_ratio")
   need(

@@ -184,6 +184,7 @@ def write(
   import jax.numpy as jnp
   from flax import nnx
 
+  from gkd_jax import config as config_lib
   from gkd_jax import data, models, observe, sparse, steps, train
   from gkd_jax.data import batching
   from gkd_jax.models import base, students
@@ -196,6 +197,7 @@ def write(
   if teacher_path is None:
     teacher_path = train.prepare_teacher(c, out)[0] or c.teacher.path
   teacher, tok = models.load(teacher_path, dtype=c.teacher.dtype, param_dtype=c.teacher.param_dtype)
+  c = config_lib.resolve_dot_dtypes(c, base.is_encoder_decoder(teacher))
   teacher = students.frozen_teacher(teacher, c.teacher)
   if tok is None:
     raise ValueError(f"teacher {teacher_path!r} has no tokenizer files")

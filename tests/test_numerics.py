@@ -192,3 +192,48 @@ def test_dot_dtype_keys_refuse_encoder_decoder_models():
   with pytest.raises(ValueError, match="teacher.dot_dtype='bfloat16' is for decoder-only"):
     students.frozen_teacher(t5, ml_collections.ConfigDict({"dot_dtype": "bfloat16"}))
   assert students.frozen_teacher(t5, ml_collections.ConfigDict({"dot_dtype": ""})) is t5
+
+
+@pytest.mark.parametrize(
+  "platform, flags, want",
+  [
+    ("cpu", {"avx", "avx2", "fma"}, ""),  # e.g. a Zen 3 EPYC: bf16 is widened, float32 wins
+    ("cpu", {"avx2", "avx512f", "avx512_bf16"}, "bfloat16"),
+    ("cpu", {"avx2", "amx_tile", "amx_bf16"}, "bfloat16"),
+    ("cpu", set(), ""),  # no /proc/cpuinfo (macOS): the model's own numerics
+    ("tpu", set(), "bfloat16"),
+    ("gpu", set(), "bfloat16"),
+  ],
+)
+def test_auto_dot_dtype_follows_the_hardware(monkeypatch, platform, flags, want):
+  monkeypatch.setattr(numerics, "cpu_flags", lambda: frozenset(flags))
+  assert numerics.resolve_dot_dtype("auto", platform) == want
+  for fixed in ("", "float32", "bfloat16"):  # only "auto" is resolved
+    assert numerics.resolve_dot_dtype(fixed, platform) == fixed
+
+
+def test_cpu_flags_reads_this_machine():
+  flags = numerics.cpu_flags()
+  assert isinstance(flags, frozenset)
+  if jax.default_backend() == "cpu" and flags:  # x86 Linux: every x86-64 CPU has SSE2
+    assert "sse2" in flags or "fp" in flags or "asimd" in flags
+
+
+def test_auto_dot_dtypes_in_a_config(monkeypatch):
+  from gkd_jax import config as config_lib
+
+  c = config_lib.defaults()
+  c.teacher.dot_dtype = c.student.dot_dtype = "auto"
+  c.gkd.sample_dot_dtype = "float32"
+  config_lib.validate(c)
+  monkeypatch.setattr(numerics, "native_bf16_dots", lambda platform=None: True)
+  r = config_lib.resolve_dot_dtypes(c, encoder_decoder=False)
+  assert (r.teacher.dot_dtype, r.student.dot_dtype, r.gkd.sample_dot_dtype) == (
+    "bfloat16", "bfloat16", "float32")
+  assert c.teacher.dot_dtype == "auto"  # a copy: the user's config (and config.json) keep it
+  assert config_lib.resolve_dot_dtypes(c, encoder_decoder=True).student.dot_dtype == ""
+  monkeypatch.setattr(numerics, "native_bf16_dots", lambda platform=None: False)
+  assert config_lib.resolve_dot_dtypes(c, encoder_decoder=False).teacher.dot_dtype == ""
+  c.student.dot_dtype = "bf16"
+  with pytest.raises(ValueError, match="student.dot_dtype = 'bf16'.*'auto'"):
+    config_lib.validate(c)

@@ -229,6 +229,20 @@ def test_teacher_has_its_own_dtype_and_sharding_rules(tiny_dirs, tmp_path):
   assert s_embed.sharding.spec[0] == "model"  # the student keeps the default rule
 
 
+def test_auto_dot_dtype_is_resolved_before_the_models_are_built(tiny_dirs, tmp_path, monkeypatch):
+  from gkd_jax.models import numerics
+  monkeypatch.setattr(numerics, "native_bf16_dots", lambda platform=None: True)
+  c = tiny_config(tiny_dirs / "teacher", **{"teacher.dot_dtype": "auto",
+                                            "student.dot_dtype": "auto"})
+  tr = train.Trainer(config_lib.validate(c), str(tmp_path))
+  state = tr.setup()
+  assert tr.config.teacher.dot_dtype == tr.config.student.dot_dtype == "bfloat16"
+  assert nnx.merge(*tr.teacher).cfg.dot_dtype == "bfloat16"
+  assert tr.teacher[1]["embed"][...].dtype == np.dtype("bfloat16")  # stored in its dot dtype
+  assert nnx.merge(*tr.student(state)).cfg.dot_dtype == "bfloat16"
+  assert c.student.dot_dtype == "auto"  # the user's config is not changed
+
+
 def test_student_scan_layers_is_the_same_student_scanned(tiny_dirs):
   from gkd_jax.models import convert_llama
   c = tiny_config(tiny_dirs / "teacher")
