@@ -129,10 +129,15 @@ def test_trainer_with_a_full_cache_trains_like_the_live_teacher(small, tmp_path,
   assert live["status"] == cached["status"] == "done" and traced  # the cached path ran
   lines = lambda w: [json.loads(x) for x in open(os.path.join(w, "metrics.jsonl"))
                      if "train/loss" in x]
-  for a, b in zip(lines(tmp_path / "live"), lines(tmp_path / "cached"), strict=True):
-    # the loss falls to ~1e-4: float32 round-off there is ~2e-8
-    np.testing.assert_allclose(b["train/loss"], a["train/loss"], rtol=1e-4, atol=1e-7)
-    np.testing.assert_allclose(b["train/divergence"], a["train/divergence"], rtol=1e-4, atol=1e-7)
+  for i, (a, b) in enumerate(zip(lines(tmp_path / "live"), lines(tmp_path / "cached"),
+                                 strict=True)):
+    # step 1 (the same parameters): float32 round-off, ~2e-8 at a loss of ~1e-4. Later steps
+    # also carry the first update's: Adam divides each gradient entry by its own RMS, so
+    # round-off in near-zero entries moves their parameters by up to lr, either way (8.4e-4
+    # relative at step 2 on an AVX2 EPYC, below 7e-4 on AVX-512 Xeons)
+    rtol, atol = (1e-4, 1e-7) if i == 0 else (3e-3, 0.0)
+    np.testing.assert_allclose(b["train/loss"], a["train/loss"], rtol=rtol, atol=atol)
+    np.testing.assert_allclose(b["train/divergence"], a["train/divergence"], rtol=rtol, atol=atol)
   # the fused chunked head + loss reads the cache too
   fused = train.run(make(**overrides, **{"teacher.cache": cdir, "gkd.fused": True,
                                          "gkd.chunk_size": 16}), str(tmp_path / "fused"))
