@@ -16,7 +16,8 @@ optimizer settings (lr, warmup, cosine to 10%, clipping), CPU.
         and our choices (README, "Speed against TRL"): teacher.dot_dtype and student.dot_dtype
         "auto" (bfloat16 on a CPU with AMX-BF16 or AVX512-BF16: bf16 matmul inputs, f32
         accumulation, a TPU's default precision; parameters, gradients and Adam stay float32;
-        float32 on a CPU without, where bf16 matmuls are slower), gkd.fused with gkd.chunk_size 64, and
+        float32 on a CPU without, where bf16 matmuls are slower), gkd.fused with
+        gkd.chunk_size 64, and
         student.scan_layers with student.remat (the backward recomputes each layer: memory);
         batches from its data pipeline, tokenized by this parent process into
         data.tokenized_dir, so the training process imports no TensorFlow; each step is
@@ -327,7 +328,7 @@ def run_ours(work, out):
     "jax": jax.__version__,
     "tensorflow_imported": "tensorflow" in sys.modules,
     # what "auto" became on this machine (config.resolve_dot_dtypes)
-    "dot_dtypes": {k: config_lib.get(tr.config, k) or "own" for k in config_lib.DOT_DTYPE_KEYS},
+    "dot_dtypes": config_lib.dot_dtypes(tr.config),
     "cpu": cpu_model(),
   }
   with open(out, "w") as f:

@@ -101,9 +101,8 @@ def defaults() -> ml_collections.ConfigDict:
   c.gkd.lmbda = 0.5  # probability of an on-policy (student-sampled) batch
   c.gkd.seq_kd = False  # off-policy batches use teacher samples instead of dataset targets
   c.gkd.sample_temperature = 1.0
-  c.gkd.sample_dot_dtype = (
-    ""  # "" = the model's own numerics; "bfloat16": bf16 matmul inputs; "auto"
-  )
+  # "" = the model's own numerics; "bfloat16": bf16 matmul inputs; "auto" (see teacher.dot_dtype)
+  c.gkd.sample_dot_dtype = ""
   c.gkd.max_new_tokens = 64
   c.gkd.sample_stop_at_eos = True  # False: every row samples max_new_tokens (EOS is a token)
   c.gkd.top_k = 0
@@ -272,6 +271,11 @@ def resolve_dot_dtypes(config, encoder_decoder: bool) -> ml_collections.ConfigDi
     if c[section][name] == "auto":
       c[section][name] = "" if encoder_decoder else numerics.resolve_dot_dtype("auto")
   return c
+
+
+def dot_dtypes(config) -> dict:
+  """``DOT_DTYPE_KEYS`` -> their values ("" shown as "own"), e.g. what "auto" became."""
+  return {k: get(config, k) or "own" for k in DOT_DTYPE_KEYS}
 
 
 def validate(config) -> ml_collections.ConfigDict:

@@ -210,9 +210,7 @@ class Trainer:
     if self.tokenizer is None:
       raise ValueError(f"teacher {c.teacher.path!r} has no tokenizer files; the trainer needs one")
     c = self.config = config_lib.resolve_dot_dtypes(c, models_base.is_encoder_decoder(teacher))
-    log.info(
-      "matmul dtypes: %s", {k: config_lib.get(c, k) or "own" for k in config_lib.DOT_DTYPE_KEYS}
-    )
+    log.info("matmul dtypes: %s", config_lib.dot_dtypes(c))
     student = students.build_student(c.student, teacher, c.seed)
     students.check_pair(teacher, student, self.tokenizer, c.gkd.sample_dot_dtype)
     teacher = students.frozen_teacher(teacher, c.teacher)

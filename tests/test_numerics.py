@@ -231,6 +231,8 @@ def test_auto_dot_dtypes_in_a_config(monkeypatch):
   assert (r.teacher.dot_dtype, r.student.dot_dtype, r.gkd.sample_dot_dtype) == (
     "bfloat16", "bfloat16", "float32")
   assert c.teacher.dot_dtype == "auto"  # a copy: the user's config (and config.json) keep it
+  assert config_lib.dot_dtypes(r) == {"gkd.sample_dot_dtype": "float32",
+                                      "teacher.dot_dtype": "bfloat16", "student.dot_dtype": "bfloat16"}
   assert config_lib.resolve_dot_dtypes(c, encoder_decoder=True).student.dot_dtype == ""
   monkeypatch.setattr(numerics, "native_bf16_dots", lambda platform=None: False)
   assert config_lib.resolve_dot_dtypes(c, encoder_decoder=False).teacher.dot_dtype == ""
