@@ -18,7 +18,8 @@ optimizer settings (lr, warmup, cosine to 10%, clipping), CPU.
         accumulation, a TPU's default precision; parameters, gradients and Adam stay float32;
         float32 on a CPU without, where bf16 matmuls are slower), gkd.fused with
         gkd.chunk_size 64, and
-        student.scan_layers with student.remat (the backward recomputes each layer: memory);
+        student.scan_layers with student.remat (the backward recomputes each layer: memory),
+        teacher.scan_layers (one compiled layer: less memory, faster compiles);
         batches from its data pipeline, tokenized by this parent process into
         data.tokenized_dir, so the training process imports no TensorFlow; each step is
         ``Trainer.train_step`` (sampling, teacher and student forwards, update) until its
@@ -146,12 +147,13 @@ def our_config(steps, data, sets):
   # our choices (README, "Speed against TRL"): "auto" matmul dtypes for both models (a TPU's
   # default precision, bf16 inputs with f32 accumulation, where the CPU multiplies bf16
   # natively, AMX-BF16 or AVX512-BF16; float32 elsewhere), the fused head + loss in 64-token
-  # chunks, the student's layers scanned and rematerialised; pass --set KEY='' (or False) to
-  # measure without one
+  # chunks, the student's layers scanned and rematerialised, the teacher's scanned; pass
+  # --set KEY='' (or False) to measure without one
   c.teacher.dot_dtype = c.student.dot_dtype = "auto"
   c.gkd.fused = True
   c.gkd.chunk_size = 64
   c.student.scan_layers = c.student.remat = True
+  c.teacher.scan_layers = True
   c.data.tokenized_dir = data.get("tokenized_dir", "")  # main() writes it (pretokenize)
   c.train.steps = steps
   c.train.ckpt_every = 0

@@ -40,6 +40,10 @@ def defaults() -> ml_collections.ConfigDict:
   # student.dot_dtype and gkd.sample_dot_dtype; encoder-decoder models resolve it to "".
   c.teacher.dot_dtype = ""
   c.teacher.rules = ()  # extra logical-axis rules for the teacher only (after mesh.rules)
+  # Llama family: the frozen teacher's layers as one scanned block in its forward passes (one
+  # layer compiled, not n: faster compiles for deep teachers, less host memory on CPU); the same
+  # numbers up to float32 round-off. Sampling (SeqKD) runs them unrolled over per-layer caches.
+  c.teacher.scan_layers = False
   # A teacher-logit cache (python -m gkd_jax.teacher_cache): dataset (off-policy) steps read
   # the teacher's top-k log-probs from it instead of running the teacher; on-policy and SeqKD
   # steps still score with the live teacher, unless live=False, which refuses them.
@@ -405,6 +409,7 @@ def validate(config) -> ml_collections.ConfigDict:
       "0 and gkd.seq_kd False when teacher.live=False (on-policy and SeqKD steps need the "
       "live teacher to score the samples)",
     )
+  need("teacher.scan_layers", isinstance(config.teacher.scan_layers, bool), "True or False")
   need(
     "student.scan_layers",
     isinstance(config.student.scan_layers, bool)

@@ -190,8 +190,10 @@ def test_dot_dtype_keys_refuse_encoder_decoder_models():
   t5 = T5(T5Config(vocab_size=32, d_model=16, d_kv=4, n_heads=2, d_ff=24, n_encoder_layers=1,
                    n_decoder_layers=1), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="teacher.dot_dtype='bfloat16' is for decoder-only"):
-    students.frozen_teacher(t5, ml_collections.ConfigDict({"dot_dtype": "bfloat16"}))
-  assert students.frozen_teacher(t5, ml_collections.ConfigDict({"dot_dtype": ""})) is t5
+    students.frozen_teacher(t5, ml_collections.ConfigDict({"dot_dtype": "bfloat16",
+                                                            "scan_layers": False}))
+  assert students.frozen_teacher(t5, ml_collections.ConfigDict({"dot_dtype": "",
+                                                            "scan_layers": False})) is t5
 
 
 @pytest.mark.parametrize(

@@ -264,6 +264,61 @@ def test_student_scan_layers_is_the_same_student_scanned(tiny_dirs):
     config_lib.validate(c)
 
 
+def test_teacher_scan_layers_is_the_same_teacher_scanned(tiny_dirs):
+  import ml_collections
+  from gkd_jax.models import convert_llama
+  teacher, _ = models.load(str(tiny_dirs / "teacher"))
+  t = ml_collections.ConfigDict({"scan_layers": True, "dot_dtype": ""})
+  scanned = students.frozen_teacher(teacher, t)
+  assert scanned.cfg.scan_layers and not teacher.cfg.scan_layers
+  assert not isinstance(scanned.layers, nnx.List)
+  want, got = convert_llama.flat_params(teacher), convert_llama.flat_params(scanned)
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  tokens = np.arange(1, 25, dtype=np.int32).reshape(2, 12)
+  np.testing.assert_allclose(scanned(tokens), teacher(tokens), rtol=1e-5, atol=1e-5)
+  t.dot_dtype = "bfloat16"  # both: scanned, and its matrices stored in bfloat16
+  both = students.frozen_teacher(teacher, t)
+  assert both.cfg.scan_layers and both.cfg.dot_dtype == "bfloat16"
+  assert both.layers.w_up[...].dtype == np.dtype("bfloat16")
+  t.scan_layers = False
+  np.testing.assert_array_equal(both(tokens), students.frozen_teacher(teacher, t)(tokens))
+
+
+def test_trainer_with_a_scanned_teacher_trains_like_the_unrolled_one(tiny_dirs, tmp_path):
+  """On-policy, dataset and SeqKD steps (the teacher samples through its per-layer caches)."""
+  losses = {}
+  for scan in (False, True):
+    c = tiny_config(tiny_dirs / "teacher", **{"gkd.lmbda": 0.5, "gkd.seq_kd": True,
+                                              "train.steps": 4, "teacher.scan_layers": scan})
+    tr = train.Trainer(config_lib.validate(c), str(tmp_path / f"setup{scan}"))
+    tr.setup()
+    assert nnx.merge(*tr.teacher).cfg.scan_layers == scan
+    tr.ckpt.close()
+    summary = train.run(c, str(tmp_path / str(scan)))
+    assert summary["status"] == "done" and set(summary["sources"]) == {"on_policy", "teacher"}
+    lines = [json.loads(x) for x in open(tmp_path / str(scan) / "metrics.jsonl")]
+    losses[scan] = [x["train/loss"] for x in lines if "train/loss" in x]
+  assert len(losses[True]) == 4
+  # step 1: the same parameters, so the same loss up to float32 round-off; later steps within
+  # Adam's amplification of it (see test_teacher_cache)
+  np.testing.assert_allclose(losses[True][0], losses[False][0], rtol=1e-5)
+  np.testing.assert_allclose(losses[True], losses[False], rtol=3e-3)
+
+
+def test_teacher_scan_layers_is_checked():
+  import ml_collections
+  from gkd_jax.models.t5 import T5, T5Config
+  c = config_lib.defaults()
+  with pytest.raises(ValueError, match="config key 'teacher.scan_layers'"):
+    config_lib.set_keys(c, [("teacher.scan_layers", "yes")], source="--set")
+  t5 = T5(T5Config(vocab_size=32, d_model=16, d_kv=4, n_heads=2, d_ff=24, n_encoder_layers=1,
+                   n_decoder_layers=1), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="teacher.scan_layers=True is for decoder-only"):
+    students.frozen_teacher(t5, ml_collections.ConfigDict({"scan_layers": True, "dot_dtype": ""}))
+
+
 def test_sample_dot_dtype_is_refused_for_encoder_decoder_before_training():
   from gkd_jax.models.t5 import T5, T5Config
   t5 = T5(T5Config(vocab_size=32, d_model=16, d_kv=4, n_heads=2, d_ff=32, n_encoder_layers=1,

@@ -57,17 +57,24 @@ def build_student(s, teacher, seed: int):
 
 
 def frozen_teacher(teacher, t):
-  """The teacher in the numerics of config section ``t`` (``config.teacher``): with
-  ``t.dot_dtype`` its matmul inputs, and its stored matrices, in that dtype (it is frozen, so
-  storing them rounded changes no number it computes). Call after ``build_student`` (a pruned
-  student copies the teacher's unrounded weights)."""
+  """The teacher in the layout and numerics of config section ``t`` (``config.teacher``): with
+  ``t.scan_layers`` its layers stacked into one scanned block; with ``t.dot_dtype`` its matmul
+  inputs, and its stored matrices, in that dtype (it is frozen, so storing them rounded changes
+  no number it computes). Call after ``build_student`` (a pruned student copies the teacher's
+  unrounded, per-layer weights)."""
+  fam = base.family_of(teacher.cfg)
+  for key, value in (("scan_layers", t.scan_layers), ("dot_dtype", t.dot_dtype)):
+    if value and not fam.builds_students:
+      raise ValueError(
+        f"config.teacher.{key}={value!r} is for decoder-only (Llama-family) teachers; set it "
+        f"to {type(value)()!r} for {fam.name} teachers"
+      )
+  if t.scan_layers and not teacher.cfg.scan_layers:
+    teacher = fam.converter().with_config(
+      teacher, dataclasses.replace(teacher.cfg, scan_layers=True)
+    )
   if not t.dot_dtype:
     return teacher
-  if base.is_encoder_decoder(teacher):
-    raise ValueError(
-      f"config.teacher.dot_dtype={t.dot_dtype!r} is for decoder-only teachers; set it to '' "
-      "for encoder-decoder (T5) runs"
-    )
   return numerics.with_dot_dtype(*nnx.split(teacher), t.dot_dtype)
 
 
