@@ -17,9 +17,9 @@ optimizer settings (lr, warmup, cosine to 10%, clipping), CPU.
         "auto" (bfloat16 on a CPU with AMX-BF16 or AVX512-BF16: bf16 matmul inputs, f32
         accumulation, a TPU's default precision; parameters, gradients and Adam stay float32;
         float32 on a CPU without, where bf16 matmuls are slower), gkd.fused with
-        gkd.chunk_size 64, and
-        student.scan_layers with student.remat (the backward recomputes each layer: memory),
-        teacher.scan_layers (one compiled layer: less memory, faster compiles);
+        gkd.chunk_size 64, student.scan_layers with student.remat (the backward recomputes each
+        layer: memory), and teacher.scan_layers (one compiled layer: less memory, faster
+        compiles);
         batches from its data pipeline, tokenized by this parent process into
         data.tokenized_dir, so the training process imports no TensorFlow; each step is
         ``Trainer.train_step`` (sampling, teacher and student forwards, update) until its
