@@ -49,7 +49,8 @@ class Precompiled:
   """Calls ``jitted`` through executables compiled ahead, one per signature (the values of the
   static arguments; the tree, avals and shardings of the others), with ``release()`` after
   each compilation. Keyword arguments only; ``static`` names jitted's static arguments;
-  ``compile`` compiles a signature ahead without running it."""
+  ``compile`` compiles a signature ahead without running it. Called inside another trace (a
+  tracer among the arguments), it calls ``jitted`` itself: the outer program compiles it."""
 
   def __init__(self, jitted, static):
     self.jitted = jitted
@@ -76,5 +77,17 @@ class Precompiled:
     return self._executable(kwargs)[1]
 
   def __call__(self, **kwargs):
+    dynamic = {k: v for k, v in kwargs.items() if k not in self.static}
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(dynamic)):
+      return self.jitted(**kwargs)
     run, _ = self._executable(kwargs)
-    return run(**{k: v for k, v in kwargs.items() if k not in self.static})
+    return run(**dynamic)
+
+  def cache_size(self) -> int:
+    """How many executables are held (one per signature met)."""
+    return len(self._executables)
+
+  def clear_cache(self):
+    """Drops every executable (and jitted's own cache): the next call traces anew."""
+    self._executables.clear()
+    self.jitted.clear_cache()

@@ -12,7 +12,9 @@ index; encoder-decoder models take the prompt as encoder input.
 
 The jitted core takes the model's parameters as arguments (``nnx.split``), so a
 new set of student weights of the same shapes reuses the compiled program. Every
-sampling knob is static: change one, and that call compiles once.
+sampling knob is static: change one, and that call compiles once, ahead of its run
+(``hostmem.Precompiled``: the compiler's garbage goes back to the system before the
+sampler's own buffers are allocated).
 
 Rows that emit an EOS keep emitting ``pad_id`` and are masked; the EOS itself is
 part of the output and of the mask (so a student learns to stop).
@@ -29,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gkd_jax import hostmem
 from gkd_jax.models import base
 from gkd_jax.models.numerics import with_dot_dtype
 
@@ -234,8 +237,7 @@ def _decode_loop(step_fn, first_logits_BxV, carry, rng, cfg: SampleConfig, grow=
   return Samples(toks, mask, mask.sum(1).astype(jnp.int32), logps)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
-def _sample(graphdef, state, prompt_BxP, lengths_B, rng, cfg: SampleConfig):
+def _sample_core(graphdef, state, prompt_BxP, lengths_B, rng, cfg: SampleConfig):
   model = with_dot_dtype(graphdef, state, cfg.dot_dtype)
   b, p = prompt_BxP.shape
   grow = None
@@ -263,6 +265,10 @@ def _sample(graphdef, state, prompt_BxP, lengths_B, rng, cfg: SampleConfig):
       return _cache_pad(cache, p + stop - 1)
 
   return _decode_loop(step, logits[:, -1], cache, rng, cfg, grow)
+
+
+_STATIC = ("graphdef", "cfg")
+_sample = hostmem.Precompiled(jax.jit(_sample_core, static_argnames=_STATIC), _STATIC)
 
 
 def check_prompts(model, prompt_tokens, prompt_lengths, max_new_tokens):
@@ -342,7 +348,14 @@ def sample(
     prompt_lengths if isinstance(prompt_lengths, jax.core.Tracer) else np.asarray(prompt_lengths),
     max_new_tokens,
   )
-  return _sample(graphdef, state, prompt_tokens, prompt_lengths_arr, rng, cfg)
+  return _sample(
+    graphdef=graphdef,
+    state=state,
+    prompt_BxP=prompt_tokens,
+    lengths_B=prompt_lengths_arr,
+    rng=rng,
+    cfg=cfg,
+  )
 
 
 # ----------------------------------------------------------------------------- beam search

@@ -58,7 +58,9 @@ def test_precompiled_compile_ahead_runs_nothing_and_is_reused():
     traces.append(x.shape)
     return x * scale
 
-  run = hostmem.Precompiled(jax.jit(f, static_argnames=("scale",), donate_argnames=("x",)), ("scale",))
+  run = hostmem.Precompiled(
+    jax.jit(f, static_argnames=("scale",), donate_argnames=("x",)), ("scale",)
+  )
   x = jnp.arange(3.0)
   assert run.compile(x=x, scale=2.0) is True
   assert not x.is_deleted()  # compiling donates nothing
@@ -67,3 +69,23 @@ def test_precompiled_compile_ahead_runs_nothing_and_is_reused():
   np.testing.assert_array_equal(run(x=x, scale=2.0), [0.0, 2.0, 4.0])
   run(x=jnp.ones(5), scale=2.0)
   assert len(traces) == 2 and len(run._executables) == 2  # the calls reused both executables
+
+
+def test_precompiled_inside_another_trace_defers_to_the_outer_program():
+  traces = []
+
+  def f(x, *, scale):
+    traces.append(x.shape)
+    return x * scale
+
+  run = hostmem.Precompiled(jax.jit(f, static_argnames=("scale",)), ("scale",))
+  outer = jax.jit(lambda x: run(x=x, scale=3.0) + 1.0)
+  np.testing.assert_array_equal(outer(jnp.arange(3.0)), [1.0, 4.0, 7.0])
+  assert run.cache_size() == 0  # no executable of its own: the outer one holds f
+  run(x=jnp.arange(3.0), scale=3.0)
+  assert run.cache_size() == 1
+  before = len(traces)
+  run.clear_cache()
+  assert run.cache_size() == 0
+  run(x=jnp.arange(3.0), scale=3.0)
+  assert run.cache_size() == 1 and len(traces) == before + 1  # cleared: traced anew

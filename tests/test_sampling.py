@@ -125,10 +125,10 @@ def test_new_params_do_not_recompile(llama):
   other = Llama(CFG, rngs=nnx.Rngs(1))
   kw = dict(rng=jax.random.PRNGKey(0), max_new_tokens=5, temperature=1.0)
   sample(llama, PROMPTS, LENS, **kw)
-  before = sampling._sample._cache_size()
+  before = sampling._sample.cache_size()
   a = sample(other, PROMPTS, LENS, **kw)
   b = sample(llama, PROMPTS, np.array([3, 5, 1]), **kw)
-  assert sampling._sample._cache_size() == before
+  assert sampling._sample.cache_size() == before
   assert not np.array_equal(a.tokens, b.tokens)
 
 
@@ -353,7 +353,7 @@ def test_step_i_draws_with_fold_in_rng_i_and_no_draw_runs_inside_the_decode_loop
 
   graphdef, params = nnx.split(llama)
   cfg = sampling.SampleConfig(max_new_tokens=12)
-  jaxpr = jax.make_jaxpr(sampling._sample, static_argnums=(0, 5))(
+  jaxpr = jax.make_jaxpr(sampling._sample_core, static_argnums=(0, 5))(
     graphdef, params, jnp.asarray(prompt), jnp.asarray(LENS[:1].repeat(3)), rng, cfg)
 
   def prims(jx, inside):
