@@ -298,6 +298,7 @@ def run_ours(work, out):
   jax.clear_caches()
   hostmem.release()
   setup_s = time.perf_counter() - t_setup
+  hwm = {"setup": vm_hwm_kb()}  # the peak so far, after each phase: where the run's peak falls
   # one warm-up per bucket shape of the run's batches (sampling runs, the step only compiles):
   # a long run compiles each shape once; here no compilation falls in a timed step
   t_warm = time.perf_counter()
@@ -308,6 +309,7 @@ def run_ours(work, out):
     tr.warm_up(state, batch)
     print(f"warm-up {prompt_shape}: {time.perf_counter() - t_warm:.1f} s", flush=True)
   warm = {"shapes": [k[0][1] for k in shapes], "s": time.perf_counter() - t_warm}
+  hwm["warm-up"] = vm_hwm_kb()
   rec = {"times": [], "tokens": [], "loss": [], "prompts": [], "prompt_width": [], "new_width": []}
   for step, batch in enumerate(batches):
     t0 = time.perf_counter()
@@ -325,6 +327,7 @@ def run_ours(work, out):
     if rolled.source != "on_policy":
       raise RuntimeError(f"step {step} drew {rolled.source!r}, not on-policy (gkd.lmbda < 1?)")
   tr.ckpt.close()
+  hwm["steps"] = vm_hwm_kb()
   info = {
     "devices": str(jax.devices()),
     "jax": jax.__version__,
@@ -335,7 +338,15 @@ def run_ours(work, out):
   }
   with open(out, "w") as f:
     json.dump(
-      {**rec, "setup_s": setup_s, "warm_up": warm, "vm_hwm_kb": vm_hwm_kb(), "info": info}, f
+      {
+        **rec,
+        "setup_s": setup_s,
+        "warm_up": warm,
+        "vm_hwm_kb": vm_hwm_kb(),
+        "hwm_after": hwm,
+        "info": info,
+      },
+      f,
     )
 
 
@@ -692,6 +703,13 @@ def report(a, c, s, data, sets, runs, load, f32_npz):
           f"; warm-up before step 0 (Trainer.warm_up: compiles) for prompt widths "
           f"{r['warm_up']['shapes']}: {r['warm_up']['s']:.0f} s"
           if r.get("warm_up")
+          else ""
+        )
+        + (
+          "; peak RSS so far after "
+          + ", ".join(f"{k} {v / 2**20:.2f}" for k, v in r["hwm_after"].items())
+          + " GB"
+          if r.get("hwm_after")
           else ""
         )
       )
