@@ -209,11 +209,14 @@ class Trainer:
     )
     if self.tokenizer is None:
       raise ValueError(f"teacher {c.teacher.path!r} has no tokenizer files; the trainer needs one")
+    hostmem.release()  # each model-building stage's host copies go back before the next
     c = self.config = config_lib.resolve_dot_dtypes(c, models_base.is_encoder_decoder(teacher))
     log.info("matmul dtypes: %s", config_lib.dot_dtypes(c))
     student = students.build_student(c.student, teacher, c.seed)
+    hostmem.release()
     students.check_pair(teacher, student, self.tokenizer, c.gkd.sample_dot_dtype)
     teacher = students.frozen_teacher(teacher, c.teacher)
+    hostmem.release()
     self.encdec = models_base.is_encoder_decoder(student)
     teacher_rules = sharding.make_rules(list(c.mesh.rules) + list(c.teacher.rules))
     sharding.shard_model(teacher, self.mesh, teacher_rules)
