@@ -37,9 +37,8 @@ def release() -> bool:
   return True
 
 
-def _signature(tree):
+def _signature(leaves, treedef):
   """What an executable is compiled for: the tree, and each leaf's aval and sharding."""
-  leaves, treedef = jax.tree.flatten(tree)
   return treedef, tuple(
     (jax.typeof(x), x.sharding if isinstance(x, jax.Array) else None) for x in leaves
   )
@@ -57,12 +56,14 @@ class Precompiled:
     self.static = frozenset(static)
     self._executables = {}
 
-  def _executable(self, kwargs):
-    """-> (the executable for kwargs' signature, whether it was compiled by this call)."""
-    dynamic = {k: v for k, v in kwargs.items() if k not in self.static}
+  def _executable(self, kwargs, leaves=None, treedef=None):
+    """-> (the executable for kwargs' signature, whether it was compiled by this call);
+    leaves, treedef: the non-static arguments' flattening, when the caller has it."""
+    if leaves is None:
+      leaves, treedef = jax.tree.flatten({k: v for k, v in kwargs.items() if k not in self.static})
     key = (
       tuple(sorted((k, v) for k, v in kwargs.items() if k in self.static)),
-      _signature(dynamic),
+      _signature(leaves, treedef),
     )
     run = self._executables.get(key)
     if run is not None:
@@ -78,9 +79,10 @@ class Precompiled:
 
   def __call__(self, **kwargs):
     dynamic = {k: v for k, v in kwargs.items() if k not in self.static}
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(dynamic)):
+    leaves, treedef = jax.tree.flatten(dynamic)  # once: the tracer check and the signature
+    if any(isinstance(x, jax.core.Tracer) for x in leaves):
       return self.jitted(**kwargs)
-    run, _ = self._executable(kwargs)
+    run, _ = self._executable(kwargs, leaves, treedef)
     return run(**dynamic)
 
   def cache_size(self) -> int:

@@ -98,38 +98,30 @@ def encdec_view(encoder_tokens, encoder_mask, targets_BxT, target_mask_BxT, star
   }
 
 
-# What batch_view reads of a batch (a batch holds more: ids, cached teacher rows, ...).
-_VIEW_KEYS = (
-  "tokens",
-  "prompt_mask",
-  "target_mask",
-  "target_tokens",
-  "encoder_tokens",
-  "encoder_mask",
-  "decoder_targets",
-  "decoder_mask",
-)
-
-
 def batch_view(batch, encoder_decoder: bool, pad_id=0):
-  """View of a dataset batch (gkd_jax.data layout); one jitted program per batch shape."""
-  return _batch_view({k: batch[k] for k in _VIEW_KEYS if k in batch}, encoder_decoder, pad_id)
-
-
-# The views are jitted: op by op, each of their ~20 ops compiles a small executable per new
-# shape (about 40 MB of host memory per prompt width on CPU, against about 5 MB for one program).
-@functools.partial(jax.jit, static_argnames=("encoder_decoder", "pad_id"))
-def _batch_view(batch, encoder_decoder: bool, pad_id=0):
+  """View of a dataset batch (gkd_jax.data layout); jitted, one program per batch shape."""
   if encoder_decoder:
-    return encdec_view(
+    return _encdec_view(
       batch["encoder_tokens"],
       batch["encoder_mask"],
       batch["decoder_targets"],
       batch["decoder_mask"],
     )
-  mask = (batch["prompt_mask"] + batch["target_mask"]) > 0
   k = batch["target_tokens"].shape[1] if "target_tokens" in batch else None
-  return decoder_view(batch["tokens"], mask, batch["target_mask"], pad_id, k)
+  return _decoder_batch_view(
+    batch["tokens"], batch["prompt_mask"], batch["target_mask"], pad_id=pad_id, k=k
+  )
+
+
+# The views are jitted: op by op, each of their ~20 ops compiles a small executable per new
+# shape (about 40 MB of host memory per prompt width on CPU, against about 5 MB for one program).
+_encdec_view = jax.jit(encdec_view, static_argnames=("start_id",))
+
+
+@functools.partial(jax.jit, static_argnames=("pad_id", "k"))
+def _decoder_batch_view(tokens_BxL, prompt_mask_BxL, target_mask_BxL, pad_id, k):
+  mask_BxL = (prompt_mask_BxL + target_mask_BxL) > 0
+  return decoder_view(tokens_BxL, mask_BxL, target_mask_BxL, pad_id, k)
 
 
 @functools.partial(jax.jit, static_argnames=("encoder_decoder", "pad_id"))
